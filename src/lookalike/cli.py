@@ -1,0 +1,320 @@
+"""The `lookalike` command line: build, search, add, remove, info, classify, evaluate, models.
+
+Human-readable output by default, ``--json`` for machines. Expected failures print
+``error: <message>`` to stderr and exit 2; anything unexpected exits 1 (traceback with --debug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from typing import Any
+
+from . import __version__
+from .engine import VisualSearch
+from .errors import LookalikeError
+from .index import KINDS, METRICS
+from .models import DEFAULT_MODEL, REGISTRY, list_models
+
+
+def _progress_factory(args):
+    if args.quiet or not sys.stderr.isatty() and not args.progress:
+        return None
+    from tqdm import tqdm
+
+    def factory(total: int):
+        return tqdm(total=total, unit="img", desc="featurizing", file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
+
+    return factory
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def _fmt_meta(metadata: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
+    parts = [f"{k}={v}" for k, v in metadata.items() if k not in skip and v not in (None, "")]
+    return "  ".join(parts)
+
+
+def _human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _print_report(report, args) -> None:
+    if args.json:
+        return
+    if report.warnings:
+        for w in report.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+    print(report.summary())
+    for item_id, reason in report.skipped[:50]:
+        print(f"  skipped {item_id}: {reason}")
+    if len(report.skipped) > 50:
+        print(f"  ... and {len(report.skipped) - 50} more")
+
+
+# --- commands -----------------------------------------------------------------------------
+
+
+def cmd_build(args) -> int:
+    vs = VisualSearch.build(
+        args.catalog, args.output, model=args.model, metric=args.metric, index=args.index,
+        batch_size=args.batch_size, weights=args.weights, device=args.device, strict=args.strict,
+        force=args.force, progress=_progress_factory(args),
+    )
+    report = vs.build_report
+    if args.json:
+        _print_json({**report.to_dict(), "index": vs.info()})
+    else:
+        _print_report(report, args)
+        info = vs.info()
+        print(f"index written to {args.output} ({info['model']}, {info['metric']}, {info['index']}, "
+              f"{info['count']} items, {_human_size(info['size_bytes'])})")
+    return 0
+
+
+def cmd_search(args) -> int:
+    vs = VisualSearch.open(args.index_dir, device=args.device)
+    filt = _parse_filter(args.filter)
+    results = vs.search(list(args.queries), k=args.k, filter=filt)
+    if args.json:
+        _print_json([r.to_dict() | {"query": q} for r, q in zip(results, args.queries)])
+        return 0
+    for query, result in zip(args.queries, results):
+        print(query)
+        if not result.hits:
+            print("  (no match)")
+        for h in result.hits:
+            title = h.metadata.get("title")
+            head = f"  {h.rank:>2}. {h.id}  score {h.score:.4f}"
+            if title:
+                head += f"  {title}"
+            print(head)
+            rest = _fmt_meta(h.metadata, skip=("title",))
+            if rest:
+                print(f"      {rest}")
+    return 0
+
+
+def cmd_classify(args) -> int:
+    vs = VisualSearch.open(args.index_dir, device=args.device)
+    results = vs.classify(list(args.queries), k=args.k, label=args.label)
+    if args.json:
+        _print_json([r | {"query": q} for r, q in zip(results, args.queries)])
+        return 0
+    for query, r in zip(args.queries, results):
+        votes = ", ".join(f"{lab} {v['count']} ({v['score']:.3f})" for lab, v in r["votes"].items())
+        print(f"{query}: {r['label']}    votes: {votes}")
+    return 0
+
+
+def cmd_add(args) -> int:
+    vs = VisualSearch.open(args.index_dir, device=args.device)
+    report = vs.add(args.catalog, strict=args.strict, progress=_progress_factory(args))
+    if args.json:
+        _print_json({**report.to_dict(), "count": len(vs)})
+    else:
+        _print_report(report, args)
+        print(f"{args.index_dir} now holds {len(vs)} items")
+    return 0
+
+
+def cmd_remove(args) -> int:
+    vs = VisualSearch.open(args.index_dir)
+    removed = vs.remove(args.ids)
+    if args.json:
+        _print_json({"removed": removed, "count": len(vs)})
+    else:
+        print(f"removed {removed} items; {args.index_dir} now holds {len(vs)} items")
+    return 0
+
+
+def cmd_info(args) -> int:
+    vs = VisualSearch.open(args.index_dir)
+    info = vs.info()
+    if args.verify:
+        info["problems"] = vs._store.verify()
+    if args.json:
+        _print_json(info)
+        return 0 if not info.get("problems") else 2
+    rows = [
+        ("path", info["path"]),
+        ("model", f"{info['model']} (weights sha256 {str(info['weights_sha256'])[:12]})"),
+        ("dimension", info["dim"]),
+        ("metric", info["metric"]),
+        ("index", f"{info['index']} {info['index_params'] or ''}".strip()),
+        ("chosen because", info["chosen_because"]),
+        ("items", info["count"]),
+        ("size on disk", _human_size(info["size_bytes"])),
+        ("generation", info["generation"]),
+        ("created", info["created_at"]),
+        ("updated", info["updated_at"]),
+    ]
+    for key, value in rows:
+        print(f"{key + ':':<16}{value}")
+    if args.verify:
+        print(f"{'verify:':<16}" + ("ok" if not info["problems"] else "; ".join(info["problems"])))
+        return 0 if not info["problems"] else 2
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    vs = VisualSearch.open(args.index_dir, device=args.device)
+    try:
+        ks = [int(k) for k in str(args.k).split(",") if k.strip()]
+    except ValueError:
+        raise LookalikeError(f"-k must be a comma-separated list of whole numbers, got {args.k!r}") from None
+    result = vs.evaluate(args.queries, label=args.label, ks=ks, progress=_progress_factory(args))
+    if args.json:
+        _print_json(result)
+        return 0
+    for key, value in result.items():
+        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        print(f"{key + ':':<14}{text}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    if args.json:
+        _print_json({name: spec.to_dict() for name, spec in sorted(REGISTRY.items())})
+        return 0
+    for name in list_models():
+        spec = REGISTRY.get(name)
+        default = " (default)" if name == DEFAULT_MODEL else ""
+        desc = spec.description if spec else "any timm model, e.g. timm:convnext_tiny (weights via --weights or hub)"
+        print(f"{name:<22}{desc}{default}")
+    return 0
+
+
+def _parse_filter(pairs: list[str] | None) -> dict[str, Any] | None:
+    if not pairs:
+        return None
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise LookalikeError(f"--filter expects FIELD=VALUE, got {pair!r}")
+        out.setdefault(key, []).append(value)
+    return {k: v[0] if len(v) == 1 else v for k, v in out.items()}
+
+
+# --- parser -------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own usage errors exit 2 too, in our format
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {message}\n")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print JSON for machines")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    common.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
+    common.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    common.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs (default cpu)")
+
+    parser = _Parser(prog="lookalike", description="Visual search: find the catalog items that look like a picture.")
+    parser.add_argument("--version", action="version", version=f"lookalike {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("build", parents=[common], help="featurize a catalog into a new index directory")
+    p.add_argument("catalog", help="a folder of images, or a .csv/.jsonl/.parquet manifest, or a 'title, url' .txt")
+    p.add_argument("-o", "--output", required=True, help="the index directory to write")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL}; see `lookalike models`)")
+    p.add_argument("--weights", help="a local PyTorch state dict for the model")
+    p.add_argument("--metric", default="cosine", choices=METRICS, help="similarity metric (default cosine)")
+    p.add_argument("--index", default="flat", choices=KINDS, help="FAISS index kind (default flat: exact)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="images per model batch (default 32)")
+    p.add_argument("--strict", action="store_true", help="an unreadable image is an error instead of a skip")
+    p.add_argument("--force", action="store_true", help="replace an existing index at --output")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("search", parents=[common], help="the k most similar items of each query image")
+    p.add_argument("index_dir")
+    p.add_argument("queries", nargs="+", metavar="QUERY_IMAGE")
+    p.add_argument("-k", type=_positive_int, default=5, help="how many hits per query (default 5)")
+    p.add_argument("--filter", action="append", metavar="FIELD=VALUE", help="only items whose metadata matches (repeatable)")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("classify", parents=[common], help="the majority label among each query's k neighbours")
+    p.add_argument("index_dir")
+    p.add_argument("queries", nargs="+", metavar="QUERY_IMAGE")
+    p.add_argument("-k", type=_positive_int, default=5, help="neighbours that vote (default 5)")
+    p.add_argument("--label", default="label", help="the metadata field that is voted on (default label)")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("add", parents=[common], help="add a catalog's items to an index without rebuilding")
+    p.add_argument("index_dir")
+    p.add_argument("catalog")
+    p.add_argument("--strict", action="store_true", help="an unreadable image is an error instead of a skip")
+    p.set_defaults(func=cmd_add)
+
+    p = sub.add_parser("remove", parents=[common], help="remove items by id")
+    p.add_argument("index_dir")
+    p.add_argument("ids", nargs="+", metavar="ID")
+    p.set_defaults(func=cmd_remove)
+
+    p = sub.add_parser("info", parents=[common], help="what an index is: model, metric, kind, size")
+    p.add_argument("index_dir")
+    p.add_argument("--verify", action="store_true", help="also check every file against its sha256")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("evaluate", parents=[common], help="recall@k, precision@1 and mAP of a query catalog")
+    p.add_argument("index_dir")
+    p.add_argument("queries", help="a query catalog (same formats as build) with a label column")
+    p.add_argument("--label", default="label", help="the field a correct match shares (default label)")
+    p.add_argument("-k", default="1,5,10", help="comma-separated k values for recall@k (default 1,5,10)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("models", parents=[common], help="list the models that can be used")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            if not args.debug:
+                warnings.simplefilter("ignore")
+            return args.func(args)
+    except LookalikeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:  # a bug: say so, traceback only under --debug
+        if args.debug:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,531 @@
+"""VisualSearch: the one object every front end calls (build, open, search, add, remove, classify, evaluate).
+
+It is the only module that knows all the others: it reads catalogs, runs the featurizer,
+keeps the vector index and the item table of one index directory in step, and turns FAISS
+results into hits with metadata.
+
+    >>> vs = VisualSearch.build("shop/catalog.csv", "shop-index")       # doctest: +SKIP
+    >>> vs.search("photo.jpg", k=3).hits[0].metadata["title"]          # doctest: +SKIP
+    >>> vs.search(["a.jpg", "b.jpg"], filter={"label": "mug"})          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from . import __version__
+from .catalog import check_unique, read_catalog
+from .errors import CatalogError, ImageError, ModelError, QueryError, StoreError
+from .evaluate import combine, per_query
+from .featurizer import Featurizer
+from .images import DEFAULT_POLICY, ImagePolicy, describe
+from .index import IndexWarning, VectorIndex, check_spec, check_vectors, prepare
+from .models import DEFAULT_MODEL, Weights, get_spec, resolve_weights, spec_from_manifest
+from .store import IndexDir, ItemTable
+from .types import Hit, IndexSpec, Item, ModelSpec, SearchResult
+
+ProgressFactory = Callable[[int], Any]  # total -> object with update(n) and close(), e.g. tqdm
+
+
+@dataclass
+class Report:
+    """What a build or an add did: items indexed, items skipped with their reasons, time taken."""
+
+    indexed: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (item id, reason)
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        rate = self.indexed / self.seconds if self.seconds > 0 else 0.0
+        text = f"indexed {self.indexed} items, skipped {len(self.skipped)}"
+        if self.skipped:
+            kinds: dict[str, int] = {}
+            for _, reason in self.skipped:
+                kinds[reason.split(":")[0]] = kinds.get(reason.split(":")[0], 0) + 1
+            text += " (" + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + ")"
+        return text + f", in {self.seconds:.1f} s ({rate:.1f} items/s)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "indexed": self.indexed,
+            "skipped": [{"id": i, "reason": r} for i, r in self.skipped],
+            "seconds": round(self.seconds, 3),
+            "warnings": self.warnings,
+        }
+
+
+def _reason(exc: ImageError) -> str:
+    kind = {
+        "ImageNotFoundError": "missing",
+        "ImageFormatError": "unreadable",
+        "ImageTooLargeError": "too large",
+        "ImageFetchError": "not fetched",
+    }.get(type(exc).__name__, "unreadable")
+    return f"{kind}: {exc}"
+
+
+class VisualSearch:
+    """A built index directory, opened: search it by image or vector, change it, measure it."""
+
+    def __init__(self, path: str | os.PathLike, *, device: str = "cpu", policy: ImagePolicy = DEFAULT_POLICY):
+        self.path = Path(path)
+        self.device = device
+        self.policy = policy
+        self._store = IndexDir(self.path)
+        self._featurizer: Featurizer | None = None
+        self._items: ItemTable | None = None
+        self.build_report: Report | None = None
+        self._reload()
+
+    # --- opening and building --------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, device: str = "cpu", policy: ImagePolicy = DEFAULT_POLICY) -> "VisualSearch":
+        """Open an index directory written by ``build``; StoreError if it is missing or damaged."""
+        return cls(path, device=device, policy=policy)
+
+    @classmethod
+    def build(
+        cls,
+        catalog: str | os.PathLike | Sequence[Item],
+        path: str | os.PathLike,
+        *,
+        model: str = DEFAULT_MODEL,
+        metric: str = "cosine",
+        index: str = "flat",
+        batch_size: int = 32,
+        weights: str | os.PathLike | None = None,
+        device: str = "cpu",
+        strict: bool = False,
+        force: bool = False,
+        progress: ProgressFactory | None = None,
+        policy: ImagePolicy = DEFAULT_POLICY,
+    ) -> "VisualSearch":
+        """Featurize a catalog and write a new index directory at ``path``.
+
+        Unreadable images are skipped and listed in ``.build_report`` (an error if ``strict``).
+        """
+        start = time.perf_counter()
+        check_spec(index, metric)
+        spec = get_spec(model)
+        items = _items(catalog)
+        _check_target(Path(path), force)
+        resolved = resolve_weights(spec, weights)
+        featurizer = Featurizer(spec, resolved, device=device, batch_size=batch_size, policy=policy)
+        vectors, kept, report = _featurize_items(featurizer, items, strict, progress)
+        if not kept:
+            raise CatalogError(f"{_name(catalog)}: none of its {len(items)} images could be read", subject=_name(catalog))
+        vectors = prepare(vectors, metric)
+        int_ids = np.arange(1, len(kept) + 1, dtype=np.int64)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", IndexWarning)
+            vindex = VectorIndex.create(index, metric, vectors, int_ids)
+        report.warnings.extend(str(w.message) for w in caught)
+        manifest = {
+            "lookalike_version": __version__,
+            "model": _model_entry(spec, resolved, featurizer),
+            "metric": metric,
+            "index": vindex.spec.to_dict(),
+            "next_int_id": int(int_ids[-1]) + 1 if len(int_ids) else 1,
+            "source": _name(catalog),
+        }
+        IndexDir.create(
+            path, manifest, list(zip(int_ids.tolist(), kept)), vindex.vectors, vindex.ids, vindex.write_faiss, overwrite=force
+        )
+        report.indexed = len(kept)
+        report.seconds = time.perf_counter() - start
+        vs = cls(path, device=device, policy=policy)
+        vs._featurizer = featurizer
+        vs.build_report = report
+        return vs
+
+    def _reload(self) -> None:
+        """(Re)read the current generation from disk."""
+        manifest, vectors, ids, faiss_path = self._store.load()
+        self.manifest = manifest
+        self.spec: ModelSpec = spec_from_manifest(manifest["model"])
+        self.metric: str = manifest["metric"]
+        ispec = IndexSpec(**dict(manifest["index"], metric=self.metric))
+        self._index, from_file = VectorIndex.load(ispec, int(manifest["model"]["dim"]), vectors, ids, str(faiss_path) if faiss_path else None)
+        self.index_rebuilt = not from_file
+        if self._items is not None:
+            self._items.close()
+        self._items = ItemTable(self._store, int(manifest["generation"]))
+
+    def close(self) -> None:
+        if self._items is not None:
+            self._items.close()
+            self._items = None
+
+    def __enter__(self) -> "VisualSearch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["model"]["dim"])
+
+    @property
+    def featurizer(self) -> Featurizer:
+        """The model the index was built with (loaded on first use; weights must match)."""
+        if self._featurizer is None:
+            entry = self.manifest["model"]
+            w = entry.get("weights", {})
+            path = w.get("path") if w.get("source") == "file" else None
+            if w.get("source") == "file" and path and not Path(path).is_file():
+                raise ModelError(f"{self.path}: built with weights {path}, which no longer exist", subject=path)
+            resolved = resolve_weights(self.spec, path)
+            if w.get("sha256") and resolved.sha256 != w["sha256"]:
+                raise ModelError(
+                    f"{self.path}: built with {self.spec.name} weights {w['sha256'][:12]}, but the weights found "
+                    f"now ({resolved.path}) are {resolved.sha256[:12]}; rebuild the index or install the same weights",
+                    subject=str(self.path),
+                )
+            self._featurizer = Featurizer(self.spec, resolved, device=self.device, policy=self.policy)
+        return self._featurizer
+
+    # --- searching -----------------------------------------------------------------------
+
+    def featurize(self, queries: Any) -> np.ndarray:
+        """Query inputs (images or vectors, one or a list) as float32 [n, dim] raw vectors."""
+        sources, _ = self._as_list(queries)
+        return self._vectors(sources)
+
+    def search(self, queries: Any, k: int = 5, filter: dict[str, Any] | None = None):
+        """The k most similar items of each query, most similar first.
+
+        ``queries``: a path, URL, bytes, PIL image, HxWx3 array or feature vector, or a list
+        of them. Returns a SearchResult for one query, a list of them for a list.
+        ``filter``: metadata equality (a list value means any of), applied inside the search.
+        """
+        _check_k(k)
+        sources, single = self._as_list(queries)
+        vectors = self._vectors(sources)
+        results = [SearchResult(q, hits) for q, hits in zip(self._names(sources), self._search_vectors(vectors, k, filter))]
+        return results[0] if single else results
+
+    def _search_vectors(self, vectors: np.ndarray, k: int, filter: dict[str, Any] | None) -> list[list[Hit]]:
+        subset = None
+        if filter:
+            if not isinstance(filter, dict):
+                raise QueryError(f"filter must be a mapping of metadata field to value, got {type(filter).__name__}")
+            subset = self._items.matching(filter)
+            if len(subset) == 0:
+                return [[] for _ in range(len(vectors))]
+        scores, distances, int_ids = self._index.search(vectors, k, subset=subset)
+        rows = self._items.rows(np.unique(int_ids))
+        out = []
+        for q in range(len(vectors)):
+            hits = []
+            for r, (s, d, i) in enumerate(zip(scores[q], distances[q], int_ids[q]), start=1):
+                id_, label, image, metadata = rows[int(i)]
+                hits.append(Hit(r, id_, float(s), float(d), metadata, image))
+            out.append(hits)
+        return out
+
+    def classify(self, queries: Any, k: int = 5, label: str = "label"):
+        """Majority ``label`` among each query's k neighbours (ties: the larger summed score)."""
+        results = self.search(queries, k=k)
+        single = isinstance(results, SearchResult)
+        out = [_vote(r, label) for r in ([results] if single else results)]
+        return out[0] if single else out
+
+    def _as_list(self, queries: Any) -> tuple[list[Any], bool]:
+        if _is_single(queries, self.dim):
+            return [queries], True
+        if isinstance(queries, np.ndarray) and queries.ndim == 2:  # a batch of vectors
+            return list(queries), False
+        if isinstance(queries, (list, tuple)):
+            if not queries:
+                raise QueryError("no queries given")
+            return list(queries), False
+        raise QueryError(f"cannot search with a {type(queries).__name__}; give an image, a vector, or a list of them")
+
+    def _vectors(self, sources: list[Any]) -> np.ndarray:
+        out = np.zeros((len(sources), self.dim), np.float32)
+        image_positions = []
+        for pos, source in enumerate(sources):
+            if _is_vector(source):
+                out[pos] = check_vectors(source, self.dim, f"query {pos + 1}")[0]
+            else:
+                image_positions.append(pos)
+        if image_positions:
+            result = self.featurizer.featurize([sources[p] for p in image_positions], strict=True)
+            out[image_positions] = result.vectors
+        return out
+
+    @staticmethod
+    def _names(sources: list[Any]) -> list[str]:
+        return ["<vector>" if _is_vector(s) else describe(s) for s in sources]
+
+    # --- changing ------------------------------------------------------------------------
+
+    def add(
+        self,
+        catalog: str | os.PathLike | Sequence[Item],
+        *,
+        strict: bool = False,
+        progress: ProgressFactory | None = None,
+    ) -> Report:
+        """Add a catalog's items without rebuilding; ids already in the index are an error.
+
+        Nothing on disk changes until every new item is featurized; an error leaves the index as it was.
+        """
+        start = time.perf_counter()
+        items = _items(catalog)
+        present = self._items.int_ids(it.id for it in items)
+        if present:
+            first = next(it for it in items if it.id in present)
+            raise CatalogError(
+                f"id {first.id!r} ({first.row}) is already in the index; remove it first or give it another id"
+                + (f" ({len(present)} such ids)" if len(present) > 1 else ""),
+                subject=first.id,
+            )
+        vectors, kept, report = _featurize_items(self.featurizer, items, strict, progress)
+        if kept:
+            vectors = prepare(vectors, self.metric)
+            with self._store.lock():
+                self._reload()  # another process may have changed it since we opened it
+                present = self._items.int_ids(it.id for it in kept)
+                if present:
+                    raise CatalogError(f"id {next(iter(present))!r} was added to the index by another process")
+                first = int(self.manifest.get("next_int_id", self._items.max_int_id() + 1))
+                int_ids = np.arange(first, first + len(kept), dtype=np.int64)
+                vindex = VectorIndex(self._index.spec, self.dim, self._index.vectors, self._index.ids)
+                vindex.add(vectors, int_ids)
+                manifest = dict(self.manifest, next_int_id=int(int_ids[-1]) + 1)
+                self._store.commit(manifest, vindex.vectors, vindex.ids, vindex.write_faiss,
+                                   added=list(zip(int_ids.tolist(), kept)), removed=[])
+                self._reload()
+        report.indexed = len(kept)
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def remove(self, ids: Sequence[str] | str) -> int:
+        """Remove items by id; an unknown id is an error and nothing is removed."""
+        ids = [ids] if isinstance(ids, str) else [str(i) for i in ids]
+        if not ids:
+            raise QueryError("no ids given to remove")
+        with self._store.lock():
+            self._reload()
+            found = self._items.int_ids(ids)
+            missing = [i for i in ids if i not in found]
+            if missing:
+                raise CatalogError(
+                    f"{self.path}: no item with id {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                    + "; nothing removed",
+                    subject=missing[0],
+                )
+            int_ids = np.fromiter(found.values(), dtype=np.int64)
+            vindex = VectorIndex(self._index.spec, self.dim, self._index.vectors, self._index.ids)
+            removed = vindex.remove(int_ids)
+            self._store.commit(self.manifest, vindex.vectors, vindex.ids, vindex.write_faiss, added=[], removed=int_ids.tolist())
+            self._reload()
+        return removed
+
+    # --- measuring -----------------------------------------------------------------------
+
+    def evaluate(
+        self,
+        queries: str | os.PathLike | Sequence[Item],
+        *,
+        label: str = "label",
+        ks: Sequence[int] = (1, 5, 10),
+        progress: ProgressFactory | None = None,
+    ) -> dict[str, Any]:
+        """Recall@k, precision@1 and mAP (full ranking) of a query catalog against this index.
+
+        A hit is a neighbour whose metadata ``label`` equals the query's. A query that is itself
+        in the index (same id and image) is left out of its own ranking (leave-one-out), and its
+        stored vector is used instead of featurizing it again.
+        """
+        ks = sorted({int(k) for k in ks})
+        if not ks or ks[0] < 1:
+            raise QueryError(f"k values must be >= 1, got {list(ks)}")
+        items = _items(queries)
+        if any(it.metadata.get(label) is None for it in items):
+            missing = next(it for it in items if it.metadata.get(label) is None)
+            raise CatalogError(f"{missing.row}: query {missing.id!r} has no {label!r}", subject=missing.id)
+        start = time.perf_counter()
+        rows = self._items.all_rows()
+        int_to_label = {r[0]: r[4].get(label) for r in rows}
+        stored = {r[1]: (r[0], r[3]) for r in rows}  # id -> (int_id, image)
+        position = {int(i): p for p, i in enumerate(self._index.ids)}
+
+        self_ids = np.full(len(items), -1, dtype=np.int64)
+        vectors = np.zeros((len(items), self.dim), np.float32)
+        to_featurize = []
+        for q, it in enumerate(items):
+            hit = stored.get(it.id)
+            if hit is not None and hit[1] == it.image:
+                self_ids[q] = hit[0]
+                vectors[q] = self._index.vectors[position[hit[0]]]
+            else:
+                to_featurize.append(q)
+        skipped = 0
+        keep = np.ones(len(items), bool)
+        if to_featurize:
+            bar = progress(len(to_featurize)) if progress else None
+            try:
+                result = self.featurizer.featurize([items[q].image for q in to_featurize], progress=bar.update if bar else None)
+            finally:
+                if bar is not None:
+                    bar.close()
+            ok = [to_featurize[i] for i in result.ok]
+            vectors[ok] = result.vectors
+            for i, _ in result.errors:
+                keep[to_featurize[i]] = False
+            skipped = len(result.errors)
+
+        gallery_labels = np.array([int_to_label.get(int(i)) for i in self._index.ids], dtype=object)
+        label_counts: dict[Any, int] = {}
+        for value in gallery_labels:
+            label_counts[value] = label_counts.get(value, 0) + 1
+        chunks = []
+        qs = np.flatnonzero(keep)
+        n_all = len(self._index)
+        for s in range(0, len(qs), 256):
+            chunk = qs[s:s + 256]
+            _, _, ranked = self._index.search(vectors[chunk], n_all)
+            ranked_labels = np.vectorize(int_to_label.get, otypes=[object])(ranked) if ranked.size else ranked
+            query_labels = np.array([items[q].metadata[label] for q in chunk], dtype=object)
+            relevant = ranked_labels == query_labels[:, None]
+            is_self = ranked == self_ids[chunk][:, None]
+            if is_self.any():  # move each query's own item to the end of its ranking, as not relevant
+                order = np.argsort(is_self, axis=1, kind="stable")
+                relevant = np.take_along_axis(relevant, order, axis=1)
+                relevant[is_self.any(axis=1), -1] = False
+                positives = np.array([label_counts.get(items[q].metadata[label], 0) - (self_ids[q] >= 0) for q in chunk])
+            else:
+                positives = np.array([label_counts.get(items[q].metadata[label], 0) for q in chunk])
+            chunks.append(per_query(relevant, positives, ks))
+        seconds = time.perf_counter() - start
+        out: dict[str, Any] = combine(chunks, ks)
+        out["queries"] = int(keep.sum())
+        out["queries_per_s"] = round(len(qs) / seconds, 2) if seconds > 0 else None
+        out["skipped"] = skipped
+        out["left_out_self"] = int((self_ids[keep] >= 0).sum())
+        return out
+
+    def info(self) -> dict[str, Any]:
+        """What the index is: model, metric, index kind and why, dimension, count, size on disk."""
+        m = self.manifest
+        return {
+            "path": str(self.path),
+            "model": m["model"]["name"],
+            "weights_sha256": m["model"].get("weights", {}).get("sha256"),
+            "dim": self.dim,
+            "metric": self.metric,
+            "index": m["index"]["kind"],
+            "index_params": m["index"].get("params", {}),
+            "chosen_because": m["index"].get("chosen_because", ""),
+            "count": int(m["count"]),
+            "generation": int(m["generation"]),
+            "size_bytes": self._store.disk_size(),
+            "preprocessing": m["model"].get("preprocessing", {}),
+            "created_at": m.get("created_at"),
+            "updated_at": m.get("updated_at"),
+            "format_version": m["format_version"],
+        }
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _name(catalog: Any) -> str:
+    return os.fspath(catalog) if isinstance(catalog, (str, os.PathLike)) else "<items>"
+
+
+def _items(catalog: Any) -> list[Item]:
+    if isinstance(catalog, (str, os.PathLike)):
+        return read_catalog(catalog)
+    items = list(catalog)
+    if not items or not all(isinstance(it, Item) for it in items):
+        raise CatalogError("a catalog must be a path or a non-empty list of Item")
+    check_unique(items)
+    return items
+
+
+def _check_target(path: Path, force: bool) -> None:
+    """Fail before featurizing if the build could not be written."""
+    if path.exists() and path.is_dir() and any(path.iterdir()):
+        if not (path / "lookalike.json").exists():
+            raise StoreError(f"{path}: already exists and is a folder that is not empty", subject=str(path))
+        if not force:
+            raise StoreError(f"{path}: already exists and is an index; pass --force to replace it", subject=str(path))
+    elif path.exists() and not path.is_dir():
+        raise StoreError(f"{path}: exists and is a file", subject=str(path))
+
+
+def _featurize_items(featurizer: Featurizer, items: list[Item], strict: bool, progress: ProgressFactory | None):
+    bar = progress(len(items)) if progress else None
+    try:
+        result = featurizer.featurize([it.image for it in items], strict=strict, progress=bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    report = Report(skipped=[(items[i].id, _reason(err)) for i, err in result.errors])
+    return result.vectors, [items[i] for i in result.ok], report
+
+
+def _model_entry(spec: ModelSpec, weights: Weights, featurizer: Featurizer) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "arch": spec.arch,
+        "weights": weights.to_dict(),
+        "dim": featurizer.dim,
+        "preprocessing": spec.preprocessing(),
+        "runtime": featurizer.runtime,
+    }
+
+
+def _check_k(k: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise QueryError(f"k must be a whole number >= 1, got {k!r}", subject=k)
+
+
+def _is_vector(x: Any) -> bool:
+    if isinstance(x, np.ndarray):
+        return x.ndim == 1
+    if isinstance(x, (list, tuple)):
+        return len(x) > 0 and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in x)
+    return False
+
+
+def _is_single(x: Any, dim: int) -> bool:
+    if isinstance(x, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)):
+        return True
+    if isinstance(x, np.ndarray):
+        return x.ndim == 1 or x.ndim == 3 or (x.ndim == 2 and not (np.issubdtype(x.dtype, np.floating) and x.shape[1] == dim))
+    return _is_vector(x)
+
+
+def _vote(result: SearchResult, label: str) -> dict[str, Any]:
+    votes: dict[Any, int] = {}
+    sums: dict[Any, float] = {}
+    for h in result.hits:
+        value = h.metadata.get(label)
+        votes[value] = votes.get(value, 0) + 1
+        sums[value] = sums.get(value, 0.0) + h.score
+    winner = max(votes, key=lambda v: (votes[v], sums[v])) if votes else None
+    return {
+        "query": result.query,
+        "label": winner,
+        "votes": {str(v): {"count": votes[v], "score": round(sums[v], 6)} for v in sorted(votes, key=lambda v: (-votes[v], -sums[v]))},
+        "hits": [h.to_dict() for h in result.hits],
+    }

@@ -1,0 +1,266 @@
+"""Turn images into feature vectors: preprocessing, batching, and the model runtime.
+
+On CPU the model runs in ONNX Runtime (exported once from PyTorch and cached on disk, keyed by
+model, weights hash and input size); on CUDA in PyTorch, half precision, channels_last.
+Images are decoded and preprocessed in a thread pool while the model runs on the previous
+batch (Pillow and ONNX Runtime release the GIL), so decoding overlaps inference.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import ImageError, ModelError
+from .images import DEFAULT_POLICY, ImagePolicy, ImageSource, load_image
+from .models import Weights, create_torch_model
+from .types import ModelSpec
+
+EXPORT_VERSION = 1  # bump when the export settings change, so cached files are remade
+
+_INTERPOLATION = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+def cache_dir() -> Path:
+    """The user cache: ``$LOOKALIKE_CACHE``, else ``$XDG_CACHE_HOME/lookalike``, else ~/.cache/lookalike."""
+    if os.environ.get("LOOKALIKE_CACHE"):
+        return Path(os.environ["LOOKALIKE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lookalike"
+
+
+def cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def preprocess(img: Image.Image, spec: ModelSpec) -> np.ndarray:
+    """An RGB image as the model's float32 CHW input: resize short side, centre crop, normalise."""
+    size, scale = spec.input_size, spec.resize_size
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = scale, max(scale, round(h * scale / w))
+    else:
+        new_w, new_h = max(scale, round(w * scale / h)), scale
+    resample = _INTERPOLATION.get(spec.interpolation, Image.Resampling.BICUBIC)
+    img = img.resize((new_w, new_h), resample, reducing_gap=None)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    arr = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)
+    arr = (arr - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+class FeaturizeResult:
+    """Vectors of the images that could be read, and the errors of those that could not."""
+
+    def __init__(self, vectors: np.ndarray, ok: list[int], errors: list[tuple[int, ImageError]]):
+        self.vectors = vectors  # float32 [len(ok), dim]
+        self.ok = ok  # indices into the input of the rows of `vectors`
+        self.errors = errors  # (input index, error) for inputs that were skipped
+
+
+class Featurizer:
+    """Featurize images with one model: ``featurize(images) -> FeaturizeResult``."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        weights: Weights,
+        *,
+        device: str = "cpu",
+        batch_size: int = 32,
+        threads: int | None = None,
+        policy: ImagePolicy = DEFAULT_POLICY,
+    ):
+        if device not in ("cpu", "cuda"):
+            raise ModelError(f"unknown device {device!r}; use cpu or cuda", subject=device)
+        if batch_size < 1:
+            raise ModelError(f"batch size must be at least 1, got {batch_size}", subject=batch_size)
+        self.spec = spec
+        self.weights = weights
+        self.device = device
+        self.batch_size = batch_size
+        self.threads = threads or cpu_count()
+        self.policy = policy
+        self._lock = threading.Lock()
+        self._runtime = _TorchCudaRuntime(spec, weights) if device == "cuda" else _OnnxRuntime(spec, weights, self.threads)
+        self.dim = self._runtime.dim
+
+    @property
+    def runtime(self) -> str:
+        return self._runtime.name
+
+    def load(self, source: ImageSource) -> np.ndarray:
+        """Decode and preprocess one input (raises ImageError)."""
+        img = load_image(source, policy=self.policy, draft_size=self.spec.resize_size)
+        return preprocess(img, self.spec)
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        """Run the model on a preprocessed batch [n, 3, H, W] -> float32 [n, dim]."""
+        with self._lock:
+            return self._runtime.run(pixels)
+
+    def featurize(
+        self,
+        sources: Sequence[ImageSource],
+        *,
+        strict: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> FeaturizeResult:
+        """Featurize ``sources`` in batches; unreadable inputs are skipped (raised if ``strict``).
+
+        ``progress(n)`` is called after each batch with the number of inputs it consumed.
+        """
+        vectors: list[np.ndarray] = []
+        ok: list[int] = []
+        errors: list[tuple[int, ImageError]] = []
+        for indices, pixels, batch_errors in self._batches(sources):
+            if batch_errors and strict:
+                raise batch_errors[0][1]
+            errors.extend(batch_errors)
+            if len(indices):
+                vectors.append(self.run(pixels))
+                ok.extend(indices)
+            if progress:
+                progress(len(indices) + len(batch_errors))
+        out = np.concatenate(vectors) if vectors else np.zeros((0, self.dim), np.float32)
+        return FeaturizeResult(out, ok, errors)
+
+    def _batches(self, sources: Sequence[ImageSource]) -> Iterator[tuple[list[int], np.ndarray, list]]:
+        """Yield (indices, pixels, errors) per batch; decoding of the next batches runs ahead."""
+
+        def load(i: int):
+            try:
+                return i, self.load(sources[i]), None
+            except ImageError as exc:
+                return i, None, exc
+
+        n = len(sources)
+        starts = list(range(0, n, self.batch_size))
+        workers = max(1, self.threads)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lookalike-decode") as pool:
+            pending = [pool.map(load, range(s, min(s + self.batch_size, n))) for s in starts[:2]]
+            for b, _ in enumerate(starts):
+                done = list(pending.pop(0))
+                if b + 2 < len(starts):
+                    s = starts[b + 2]
+                    pending.append(pool.map(load, range(s, min(s + self.batch_size, n))))
+                indices = [i for i, arr, err in done if err is None]
+                errs = [(i, err) for i, arr, err in done if err is not None]
+                pixels = (
+                    np.stack([arr for _, arr, err in done if err is None])
+                    if indices
+                    else np.zeros((0, 3, self.spec.input_size, self.spec.input_size), np.float32)
+                )
+                yield indices, pixels, errs
+
+
+class _OnnxRuntime:
+    """ONNX Runtime on CPU, with the model exported once and cached."""
+
+    name = "onnxruntime"
+
+    def __init__(self, spec: ModelSpec, weights: Weights, threads: int):
+        import onnxruntime as ort
+
+        path = onnx_path(spec, weights)
+        if not path.is_file():
+            export_onnx(spec, weights, path)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # a damaged cache file: export again once
+            path.unlink(missing_ok=True)
+            export_onnx(spec, weights, path)
+            try:
+                self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            except Exception as exc2:
+                raise ModelError(f"{path}: ONNX Runtime cannot load the exported model ({exc2})") from exc
+        self.input = self.session.get_inputs()[0].name
+        self.dim = int(self.session.get_outputs()[0].shape[-1])
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        if len(pixels) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return np.asarray(self.session.run(None, {self.input: pixels})[0], dtype=np.float32)
+
+
+class _TorchCudaRuntime:
+    """PyTorch on CUDA in half precision with channels_last memory format."""
+
+    name = "torch-cuda-fp16"
+
+    def __init__(self, spec: ModelSpec, weights: Weights):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ModelError("device cuda asked for, but PyTorch sees no CUDA GPU", subject="cuda")
+        self.torch = torch
+        model = create_torch_model(spec, weights)
+        self.model = model.to("cuda", memory_format=torch.channels_last).half().eval()
+        self.dim = int(model.num_features)
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        if len(pixels) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        with torch.inference_mode():
+            x = torch.from_numpy(pixels).to("cuda", non_blocking=True)
+            x = x.half().contiguous(memory_format=torch.channels_last)
+            return self.model(x).float().cpu().numpy()
+
+
+def onnx_path(spec: ModelSpec, weights: Weights) -> Path:
+    """Where the exported model is cached: keyed by model, weights hash, input size, export version."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in spec.name)
+    key = f"{safe}-{weights.sha256[:16]}-{spec.input_size}px-v{EXPORT_VERSION}.onnx"
+    return cache_dir() / "onnx" / key
+
+
+def export_onnx(spec: ModelSpec, weights: Weights, path: Path) -> None:
+    """Export the spec's feature model to ONNX at ``path``, atomically (temp file + rename)."""
+    import torch
+
+    model = create_torch_model(spec, weights)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros(1, 3, spec.input_size, spec.input_size)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".onnx.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model, example, tmp, dynamo=False, opset_version=17,
+                input_names=["pixels"], output_names=["features"],
+                dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
+            )
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as exc:
+        raise ModelError(f"{spec.name}: export to ONNX failed ({type(exc).__name__}: {exc})", subject=spec.name) from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

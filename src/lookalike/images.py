@@ -1,0 +1,251 @@
+"""Load any image input (path, URL, bytes, PIL image, array) as an RGB PIL image, safely.
+
+Safety rules, all in this one place:
+- formats on an allow-list only (checked from the file's content, not its name);
+- a pixel-count limit checked from the header before decoding (decompression bombs are an
+  error, not a hang or an out-of-memory);
+- URLs: http(s) only, a timeout, a byte cap, and private, loopback, link-local and reserved
+  addresses refused unless explicitly allowed (redirects are checked the same way);
+- EXIF orientation applied; grayscale, palette, RGBA, CMYK and 16-bit inputs made RGB
+  (transparency is composited on white, 16-bit values are scaled, not clipped).
+"""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import os
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import (
+    ImageError,
+    ImageFetchError,
+    ImageFormatError,
+    ImageNotFoundError,
+    ImageTooLargeError,
+)
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """Limits applied to every image that is loaded."""
+
+    max_pixels: int = 64_000_000  # e.g. 8000 x 8000
+    max_bytes: int = 50 * 1024 * 1024
+    url_timeout: float = 10.0
+    allow_urls: bool = True
+    allow_private_urls: bool = False
+
+
+DEFAULT_POLICY = ImagePolicy()
+
+# We enforce our own pixel limit before decoding; Pillow's own check stays as a backstop.
+Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, DEFAULT_POLICY.max_pixels)
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def describe(source: object) -> str:
+    """A short human name for an image input, for messages and query labels."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, Image.Image):
+        return f"<PIL image {source.width}x{source.height} {source.mode}>"
+    if isinstance(source, np.ndarray):
+        return f"<array {'x'.join(map(str, source.shape))} {source.dtype}>"
+    return f"<{type(source).__name__}>"
+
+
+def is_url(text: str) -> bool:
+    return text.startswith(("http://", "https://"))
+
+
+def load_image(
+    source: ImageSource,
+    *,
+    policy: ImagePolicy = DEFAULT_POLICY,
+    draft_size: int | None = None,
+) -> Image.Image:
+    """Return ``source`` as an RGB PIL image, or raise an ImageError naming it.
+
+    ``draft_size``: the smallest short side the caller needs; a JPEG much larger than that is
+    decoded at a reduced scale (libjpeg DCT scaling), which is several times faster.
+    """
+    name = describe(source)
+    if isinstance(source, Image.Image):
+        _check_pixels(source.width, source.height, name, policy)
+        return to_rgb(source, name)
+    if isinstance(source, np.ndarray):
+        return _from_array(source, name, policy)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if len(data) > policy.max_bytes:
+            raise ImageTooLargeError(f"{name}: {len(data)} bytes is over the {policy.max_bytes}-byte limit", subject=name)
+        return _decode(io.BytesIO(data), name, policy, draft_size)
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        if isinstance(text, str) and is_url(text):
+            data = fetch_url(text, policy)
+            return _decode(io.BytesIO(data), name, policy, draft_size)
+        path = Path(text)
+        if not path.is_file():
+            what = "is a directory, not an image file" if path.is_dir() else "does not exist"
+            raise ImageNotFoundError(f"{name}: {what}", subject=name)
+        try:
+            size = path.stat().st_size
+            if size > policy.max_bytes:
+                raise ImageTooLargeError(f"{name}: {size} bytes is over the {policy.max_bytes}-byte limit", subject=name)
+            with open(path, "rb") as f:
+                return _decode(f, name, policy, draft_size)
+        except OSError as exc:
+            raise ImageNotFoundError(f"{name}: cannot be read ({exc.strerror or exc})", subject=name) from exc
+    raise ImageFormatError(f"{name}: not an image input (expected a path, URL, bytes, PIL image or array)", subject=name)
+
+
+def _check_pixels(width: int, height: int, name: str, policy: ImagePolicy) -> None:
+    if width < 1 or height < 1:
+        raise ImageFormatError(f"{name}: empty image ({width}x{height})", subject=name)
+    if width * height > policy.max_pixels:
+        raise ImageTooLargeError(
+            f"{name}: {width}x{height} is {width * height} pixels, over the {policy.max_pixels}-pixel limit",
+            subject=name,
+        )
+
+
+def _decode(fp, name: str, policy: ImagePolicy, draft_size: int | None) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(fp)
+            if img.format not in ALLOWED_FORMATS:
+                raise ImageFormatError(f"{name}: format {img.format} is not allowed", subject=name)
+            _check_pixels(img.width, img.height, name, policy)
+            if draft_size and img.format == "JPEG":
+                short = min(img.size)
+                if short >= 2 * draft_size:
+                    scale = short / draft_size
+                    img.draft("RGB", (int(img.width / scale) + 1, int(img.height / scale) + 1))
+            img.load()
+            img = ImageOps.exif_transpose(img) if img.format in ("JPEG", "MPO", "TIFF", "WEBP", "PNG") else img
+            return to_rgb(img, name)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(f"{name}: too many pixels ({exc})", subject=name) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageFormatError(f"{name}: not a recognised image", subject=name) from exc
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        raise ImageFormatError(f"{name}: corrupt or truncated image ({exc})", subject=name) from exc
+
+
+def to_rgb(img: Image.Image, name: str = "<image>") -> Image.Image:
+    """Convert any PIL mode to RGB: alpha on white, CMYK by Pillow, 16-bit scaled to 8-bit."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if mode == "F" and arr.max(initial=0) <= 1.0:
+            top = 1.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageFormatError(f"{name}: image mode {mode} cannot be converted to RGB", subject=name) from exc
+
+
+def _from_array(arr: np.ndarray, name: str, policy: ImagePolicy) -> Image.Image:
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise ImageFormatError(f"{name}: an image array must be HxW, HxWx3 or HxWx4", subject=name)
+    _check_pixels(arr.shape[1], arr.shape[0], name, policy)
+    if arr.dtype != np.uint8:
+        if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
+            raise ImageFormatError(f"{name}: array holds non-numeric or non-finite values", subject=name)
+        if np.issubdtype(arr.dtype, np.floating) and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        elif arr.dtype == np.uint16:
+            arr = arr / 257.0
+        arr = np.clip(arr + 0.5, 0, 255).astype(np.uint8)
+    img = Image.fromarray(np.ascontiguousarray(arr))
+    return to_rgb(img, name)
+
+
+# --- URLs ---------------------------------------------------------------------------------
+
+
+def _check_host(url: str, policy: ImagePolicy) -> None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ImageFetchError(f"{url}: only http(s) URLs can be fetched", subject=url)
+    if policy.allow_private_urls:
+        return
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    except socket.gaierror as exc:
+        raise ImageFetchError(f"{url}: host {parts.hostname} cannot be resolved", subject=url) from exc
+    for info in infos:
+        addr = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not addr.is_global or addr.is_multicast:
+            raise ImageFetchError(
+                f"{url}: refusing to fetch from private or local address {addr} "
+                "(allow_private_urls=True allows it)",
+                subject=url,
+            )
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    def __init__(self, policy: ImagePolicy):
+        self.policy = policy
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        _check_host(newurl, self.policy)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def fetch_url(url: str, policy: ImagePolicy = DEFAULT_POLICY) -> bytes:
+    """Fetch an image URL under the policy's limits; raise ImageFetchError otherwise."""
+    if not policy.allow_urls:
+        raise ImageFetchError(f"{url}: fetching URLs is turned off", subject=url)
+    _check_host(url, policy)
+    opener = urllib.request.build_opener(_CheckedRedirects(policy))
+    request = urllib.request.Request(url, headers={"User-Agent": "lookalike"})
+    try:
+        with opener.open(request, timeout=policy.url_timeout) as response:
+            data = response.read(policy.max_bytes + 1)
+    except ImageError:
+        raise
+    except urllib.error.HTTPError as exc:
+        raise ImageFetchError(f"{url}: server answered {exc.code} {exc.reason}", subject=url) from exc
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ImageFetchError(f"{url}: cannot be fetched ({reason})", subject=url) from exc
+    if len(data) > policy.max_bytes:
+        raise ImageTooLargeError(f"{url}: more than the {policy.max_bytes}-byte limit", subject=url)
+    return data

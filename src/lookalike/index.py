@@ -1,0 +1,280 @@
+"""The vector index: FAISS flat | hnsw | ivf | ivfpq over int ids, with exact fallbacks and filters.
+
+The index keeps the vectors it holds (as indexed: L2-normalised for ``cosine``) beside the
+FAISS structure, so the FAISS file is only a cache: removal from HNSW, exact search when ``k``
+covers the whole catalog, and filtered search over a small subset all work from the vectors.
+
+Scores (higher is more similar) and distances (the metric's raw value):
+- cosine: score = inner product of normalised vectors, distance = 1 - score
+- l2:     distance = squared L2, score = 1 / (1 + distance)
+- ip:     score = inner product, distance = -score
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import replace
+
+import faiss
+import numpy as np
+
+from .errors import IndexError_, QueryError
+from .types import IndexSpec
+
+KINDS = ("flat", "hnsw", "ivf", "ivfpq")
+METRICS = ("cosine", "l2", "ip")
+
+# Named thresholds for the approximate kinds (see the FAISS wiki's guidelines).
+MIN_ITEMS_IVF = 1000  # fewer vectors than this cannot train a useful IVF: exact search instead
+POINTS_PER_CENTROID = 39  # FAISS wants at least this many training points per centroid
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 128
+EXACT_SUBSET_MAX = 200_000  # a filter matching at most this many items is searched exactly
+
+
+class IndexWarning(UserWarning):
+    """The index could not be what was asked and did something safe instead."""
+
+
+def check_spec(kind: str, metric: str) -> None:
+    if kind not in KINDS:
+        raise IndexError_(f"unknown index kind {kind!r}; use one of {', '.join(KINDS)}", subject=kind)
+    if metric not in METRICS:
+        raise IndexError_(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}", subject=metric)
+
+
+def check_vectors(vectors, dim: int, what: str = "vector") -> np.ndarray:
+    """Return ``vectors`` as C-contiguous float32 [n, dim]; QueryError on shape, NaN or inf."""
+    try:
+        arr = np.asarray(vectors, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise QueryError(f"{what}: not numeric ({exc})", subject=what) from exc
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        got = arr.shape[-1] if arr.ndim >= 1 else 0
+        raise QueryError(f"{what}: has dimension {got}, the index has {dim}", subject=what)
+    if not np.isfinite(arr).all():
+        raise QueryError(f"{what}: contains NaN or infinite values", subject=what)
+    return np.ascontiguousarray(arr)
+
+
+def prepare(vectors: np.ndarray, metric: str) -> np.ndarray:
+    """Vectors as the index holds them: L2-normalised for cosine, unchanged otherwise."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if metric == "cosine":
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = vectors / np.maximum(norms, 1e-12)
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def _faiss_metric(metric: str) -> int:
+    return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+
+
+def _pow2_floor(x: float) -> int:
+    return 1 << max(0, int(math.floor(math.log2(max(1.0, x)))))
+
+
+def plan(kind: str, metric: str, n: int, dim: int) -> IndexSpec:
+    """Choose the kind's parameters from the catalog size; fall back to flat when too small."""
+    check_spec(kind, metric)
+    if kind == "flat":
+        return IndexSpec("flat", metric, {}, "exact search (asked for)")
+    if kind == "hnsw":
+        params = {"M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": HNSW_EF_SEARCH}
+        return IndexSpec("hnsw", metric, params, f"HNSW graph, M={HNSW_M} (asked for)")
+    if n < MIN_ITEMS_IVF:
+        reason = f"{kind} asked for, but {n} items are too few to train it (needs {MIN_ITEMS_IVF}); exact search instead"
+        warnings.warn(reason, IndexWarning, stacklevel=2)
+        return IndexSpec("flat", metric, {}, reason)
+    # About 4*sqrt(n) lists (a power of two), with at least POINTS_PER_CENTROID vectors each.
+    nlist = min(_pow2_floor(4 * math.sqrt(n)), _pow2_floor(n / POINTS_PER_CENTROID))
+    nprobe = min(nlist, max(8, nlist // 8))
+    params = {"nlist": nlist, "nprobe": nprobe}
+    why = f"{n} items: {nlist} lists (about 4*sqrt(n), >= {POINTS_PER_CENTROID} items each), nprobe {nprobe}"
+    if kind == "ivfpq":
+        m = max(d for d in range(1, min(64, dim) + 1) if dim % d == 0)
+        nbits = min(8, int(math.floor(math.log2(n / POINTS_PER_CENTROID))))
+        params.update({"m": m, "nbits": nbits})
+        why += f"; PQ with {m} sub-quantizers of {nbits} bits ({m * nbits // 8} bytes a vector)"
+    return IndexSpec(kind, metric, params, why)
+
+
+class VectorIndex:
+    """FAISS index plus the vectors and int ids it holds; search returns scores and int ids."""
+
+    def __init__(self, spec: IndexSpec, dim: int, vectors: np.ndarray, ids: np.ndarray, index=None):
+        check_spec(spec.kind, spec.metric)
+        self.spec = spec
+        self.dim = dim
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, dim)
+        self.ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if len(self.vectors) != len(self.ids):
+            raise IndexError_(f"{len(self.vectors)} vectors but {len(self.ids)} ids")
+        self.index = index if index is not None else self._build()
+        if self.index.ntotal != len(self.ids):
+            raise IndexError_(f"FAISS index holds {self.index.ntotal} vectors, expected {len(self.ids)}")
+
+    @classmethod
+    def create(cls, kind: str, metric: str, vectors: np.ndarray, ids: np.ndarray) -> "VectorIndex":
+        """Plan the kind for this many vectors, and build it over (already prepared) vectors."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        spec = plan(kind, metric, len(vectors), vectors.shape[1])
+        return cls(spec, vectors.shape[1], vectors, ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    # --- building ------------------------------------------------------------------------
+
+    def _empty(self):
+        d, metric, p = self.dim, _faiss_metric(self.spec.metric), self.spec.params
+        kind = self.spec.kind
+        if kind == "flat":
+            return faiss.IndexIDMap2(faiss.IndexFlat(d, metric))
+        if kind == "hnsw":
+            inner = faiss.IndexHNSWFlat(d, int(p["M"]), metric)
+            inner.hnsw.efConstruction = int(p["ef_construction"])
+            return faiss.IndexIDMap2(inner)
+        quantizer = faiss.IndexFlat(d, metric)
+        if kind == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, d, int(p["nlist"]), metric)
+        else:
+            index = faiss.IndexIVFPQ(quantizer, d, int(p["nlist"]), int(p["m"]), int(p["nbits"]), metric)
+        index.own_fields = True
+        quantizer.this.disown()
+        return index
+
+    def _build(self):
+        index = self._empty()
+        if self.spec.kind in ("ivf", "ivfpq"):
+            if len(self.vectors) == 0:
+                raise IndexError_(f"an {self.spec.kind} index needs vectors to train on")
+            faiss_index = faiss.downcast_index(index)
+            faiss_index.train(self.vectors)
+        if len(self.ids):
+            index.add_with_ids(self.vectors, self.ids)
+        return index
+
+    # --- changing ------------------------------------------------------------------------
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Add prepared vectors under new int ids (IVF kinds keep their trained centroids)."""
+        vectors = check_vectors(vectors, self.dim, "added vectors")
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if len(ids) == 0:
+            return
+        self.index.add_with_ids(vectors, ids)
+        self.vectors = np.concatenate([self.vectors, vectors])
+        self.ids = np.concatenate([self.ids, ids])
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Remove the given int ids; return how many were removed."""
+        ids = np.asarray(ids, dtype=np.int64)
+        keep = ~np.isin(self.ids, ids)
+        removed = int((~keep).sum())
+        if removed == 0:
+            return 0
+        self.vectors = np.ascontiguousarray(self.vectors[keep])
+        self.ids = np.ascontiguousarray(self.ids[keep])
+        if self.spec.kind == "hnsw":  # HNSW cannot delete: rebuild the graph from the vectors
+            self.index = self._empty()
+            if len(self.ids):
+                self.index.add_with_ids(self.vectors, self.ids)
+        else:
+            self.index.remove_ids(faiss.IDSelectorBatch(ids))
+        return removed
+
+    # --- searching -----------------------------------------------------------------------
+
+    def search(self, queries: np.ndarray, k: int, subset: np.ndarray | None = None):
+        """Return (scores, distances, int_ids), each [n_queries, k'], most similar first.
+
+        k' = min(k, number of candidates); there is never padding with -1. ``subset`` limits the
+        search to those int ids (a metadata filter), inside the index search.
+        """
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+            raise QueryError(f"k must be a whole number >= 1, got {k!r}", subject=k)
+        queries = prepare(check_vectors(queries, self.dim, "query vector"), self.spec.metric)
+        n_candidates = len(self.ids) if subset is None else int(np.isin(subset, self.ids).sum())
+        kk = min(int(k), n_candidates)
+        if kk == 0:
+            empty = np.zeros((len(queries), 0))
+            return empty.astype(np.float32), empty.astype(np.float32), empty.astype(np.int64)
+        exact = self.spec.kind == "flat" or kk >= len(self.ids) or (subset is not None and n_candidates <= EXACT_SUBSET_MAX)
+        if subset is not None and exact:
+            distances, ids = self._exact(queries, kk, np.isin(self.ids, subset))
+        elif exact and self.spec.kind != "flat":
+            distances, ids = self._exact(queries, kk, None)
+        else:
+            distances, ids = self.index.search(queries, kk, params=self._params(subset))
+        values, ids = self._drop_missing(distances, ids)
+        return self.scores(values), self.distances(values), ids
+
+    def _params(self, subset: np.ndarray | None):
+        p = self.spec.params
+        selector = faiss.IDSelectorBatch(np.asarray(subset, dtype=np.int64)) if subset is not None else None
+        kind = self.spec.kind
+        if kind in ("ivf", "ivfpq"):
+            params = faiss.SearchParametersIVF(nprobe=int(p["nprobe"]))
+        elif kind == "hnsw":
+            params = faiss.SearchParametersHNSW(efSearch=int(p["ef_search"]))
+        else:
+            params = faiss.SearchParameters()
+        if selector is not None:
+            params.sel = selector
+            params._selector = selector  # keep it alive as long as params
+        return params
+
+    def _exact(self, queries: np.ndarray, k: int, mask: np.ndarray | None):
+        vectors, ids = (self.vectors, self.ids) if mask is None else (self.vectors[mask], self.ids[mask])
+        flat = faiss.IndexFlat(self.dim, _faiss_metric(self.spec.metric))
+        flat.add(np.ascontiguousarray(vectors))
+        distances, positions = flat.search(queries, min(k, len(ids)))
+        return distances, np.where(positions >= 0, ids[np.maximum(positions, 0)], -1)
+
+    @staticmethod
+    def _drop_missing(distances: np.ndarray, ids: np.ndarray):
+        """Approximate kinds may return fewer than k (-1 ids): trim to the columns all queries filled."""
+        if (ids >= 0).all():
+            return distances, ids
+        filled = int((ids >= 0).sum(axis=1).min())
+        return distances[:, :filled], ids[:, :filled]
+
+    def scores(self, faiss_values: np.ndarray) -> np.ndarray:
+        """FAISS values -> similarity scores (higher is closer)."""
+        if self.spec.metric == "l2":
+            return (1.0 / (1.0 + np.maximum(faiss_values, 0.0))).astype(np.float32)
+        return faiss_values.astype(np.float32)
+
+    def distances(self, faiss_values: np.ndarray) -> np.ndarray:
+        """FAISS values -> the metric's raw distance."""
+        if self.spec.metric == "cosine":
+            return 1.0 - faiss_values
+        if self.spec.metric == "ip":
+            return -faiss_values
+        return faiss_values
+
+    # --- files ---------------------------------------------------------------------------
+
+    def write_faiss(self, path: str) -> None:
+        faiss.write_index(self.index, path)
+
+    @classmethod
+    def load(cls, spec: IndexSpec, dim: int, vectors: np.ndarray, ids: np.ndarray, faiss_path: str | None):
+        """Open from stored vectors and ids; the FAISS file is used if it matches, else rebuilt."""
+        index = None
+        if faiss_path is not None:
+            try:
+                index = faiss.read_index(faiss_path)
+                if index.ntotal != len(ids) or index.d != dim:
+                    index = None
+            except RuntimeError:
+                index = None
+        return cls(spec, dim, vectors, ids, index), index is not None
+
+    def with_spec(self, spec: IndexSpec) -> "VectorIndex":
+        return VectorIndex(replace(spec), self.dim, self.vectors, self.ids)

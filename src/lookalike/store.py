@@ -1,0 +1,454 @@
+"""The index directory on disk: manifest, items.sqlite, vectors, FAISS file; atomic saves.
+
+    INDEX_DIR/
+      lookalike.json     the manifest, and the commit point of every change
+      items.sqlite       items(int_id, id, label, image, metadata JSON, added_gen, removed_gen); WAL
+      vectors-<gen>.npy  float32 [count, dim] as indexed; row i <-> ids-<gen>.npy[i]
+      ids-<gen>.npy      int64 int ids
+      index-<gen>.faiss  the FAISS index (a cache: rebuilt from the vectors if missing)
+
+A change writes the next generation's files (fsynced), commits the SQLite rows tagged with
+that generation, then atomically replaces the manifest. SQLite rows carry the generation that
+added them and the one that removed them, so a reader of generation G sees exactly G's items
+even while a writer prepares G+1, and a writer that crashed before the manifest rename is undone
+by the next writer (rows of generations past the manifest's are dropped or restored).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import IndexBusyError, StoreError
+from .types import Item
+
+FORMAT_VERSION = 1
+MANIFEST = "lookalike.json"
+ITEMS_DB = "items.sqlite"
+LOCK = ".lock"
+LOCK_TIMEOUT = 10.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    int_id INTEGER PRIMARY KEY,
+    id TEXT NOT NULL,
+    label TEXT,
+    image TEXT,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    added_gen INTEGER NOT NULL,
+    removed_gen INTEGER
+);
+CREATE UNIQUE INDEX IF NOT EXISTS items_live_id ON items(id) WHERE removed_gen IS NULL;
+CREATE INDEX IF NOT EXISTS items_id ON items(id);
+"""
+
+_VISIBLE = "added_gen <= :gen AND (removed_gen IS NULL OR removed_gen > :gen)"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write) -> dict[str, Any]:
+    """Write a file through ``write(fileobj)`` to a temp name, fsync, rename; return size+sha256."""
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class IndexDir:
+    """Read, validate and change one index directory."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    # --- reading -------------------------------------------------------------------------
+
+    def manifest(self) -> dict[str, Any]:
+        """The validated manifest; StoreError naming the problem and the way out."""
+        p = self.path
+        if not p.exists():
+            raise StoreError(f"{p}: index directory does not exist; build one with `lookalike build`", subject=str(p))
+        if not p.is_dir():
+            raise StoreError(f"{p}: is a file, not an index directory", subject=str(p))
+        mpath = p / MANIFEST
+        if not mpath.is_file():
+            raise StoreError(
+                f"{p}: not a lookalike index (no {MANIFEST}); build one with `lookalike build`", subject=str(p)
+            )
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StoreError(f"{mpath}: manifest is unreadable ({exc}); rebuild with `lookalike build`", subject=str(p)) from exc
+        if not isinstance(manifest, dict):
+            raise StoreError(f"{mpath}: manifest is not a JSON object; rebuild with `lookalike build`", subject=str(p))
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreError(
+                f"{p}: index is format {version}, this lookalike reads format {FORMAT_VERSION}; "
+                "rebuild with `lookalike build`",
+                subject=str(p),
+            )
+        for key in ("model", "metric", "index", "count", "generation", "files"):
+            if key not in manifest:
+                raise StoreError(f"{mpath}: manifest has no {key!r}; rebuild with `lookalike build`", subject=str(p))
+        return manifest
+
+    def load(self) -> tuple[dict[str, Any], np.ndarray, np.ndarray, Path | None]:
+        """(manifest, vectors, ids, faiss path or None) of the current generation, checked.
+
+        Retries when a writer replaces the generation between reading the manifest and its files.
+        """
+        for attempt in range(5):
+            manifest = self.manifest()
+            try:
+                return self._load_generation(manifest)
+            except FileNotFoundError:
+                if self.manifest()["generation"] == manifest["generation"] or attempt == 4:
+                    missing = [n for n in manifest["files"] if not (self.path / n).exists()]
+                    raise StoreError(
+                        f"{self.path}: index is damaged, missing {', '.join(missing) or 'files'}; "
+                        "rebuild with `lookalike build`",
+                        subject=str(self.path),
+                    ) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _load_generation(self, manifest):
+        gen = manifest["generation"]
+        files = manifest["files"]
+        dim = int(manifest["model"]["dim"])
+        count = int(manifest["count"])
+        names = {"vectors": f"vectors-{gen}.npy", "ids": f"ids-{gen}.npy", "faiss": f"index-{gen}.faiss"}
+        for role in ("vectors", "ids"):
+            path = self.path / names[role]
+            if not path.exists():
+                raise FileNotFoundError(path)
+            expected = files.get(names[role], {}).get("size")
+            if expected is not None and path.stat().st_size != expected:
+                raise StoreError(
+                    f"{path}: size {path.stat().st_size} differs from the manifest's {expected}; "
+                    "rebuild with `lookalike build`",
+                    subject=str(self.path),
+                )
+        try:
+            vectors = np.load(self.path / names["vectors"], mmap_mode="r", allow_pickle=False)
+            ids = np.load(self.path / names["ids"], allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise StoreError(f"{self.path}: vectors or ids unreadable ({exc}); rebuild with `lookalike build`") from exc
+        if vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape[1] != dim:
+            raise StoreError(
+                f"{self.path}: vectors have shape {vectors.shape}, the manifest says dimension {dim}; "
+                "rebuild with `lookalike build`",
+                subject=str(self.path),
+            )
+        if len(vectors) != count or len(ids) != count:
+            raise StoreError(
+                f"{self.path}: manifest counts {count} items but vectors hold {len(vectors)} and ids {len(ids)}; "
+                "rebuild with `lookalike build`",
+                subject=str(self.path),
+            )
+        db_count = self.count_items(gen)
+        if db_count != count:
+            raise StoreError(
+                f"{self.path}: manifest counts {count} items but {ITEMS_DB} holds {db_count}; "
+                "rebuild with `lookalike build`",
+                subject=str(self.path),
+            )
+        faiss_path = self.path / names["faiss"]
+        return manifest, np.ascontiguousarray(vectors), ids, faiss_path if faiss_path.exists() else None
+
+    # --- SQLite --------------------------------------------------------------------------
+
+    def connect(self, readonly: bool = True) -> sqlite3.Connection:
+        db = self.path / ITEMS_DB
+        if not db.is_file():
+            raise StoreError(f"{self.path}: index is damaged, {ITEMS_DB} is missing; rebuild with `lookalike build`")
+        try:
+            uri = f"file:{db}?mode={'ro' if readonly else 'rw'}"
+            conn = sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False)
+            conn.execute("SELECT 1 FROM items LIMIT 1").fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"{db}: not a readable items database ({exc}); rebuild with `lookalike build`") from exc
+        return conn
+
+    def count_items(self, gen: int) -> int:
+        with contextlib.closing(self.connect()) as conn:
+            return conn.execute(f"SELECT COUNT(*) FROM items WHERE {_VISIBLE}", {"gen": gen}).fetchone()[0]
+
+    # --- writing -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+        """Hold the index's write lock; IndexBusyError if another process keeps it too long."""
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise IndexBusyError(
+                            f"{self.path}: index is being changed by another process; try again when it is done",
+                            subject=str(self.path),
+                        ) from None
+                    time.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    @staticmethod
+    def create(
+        path: str | os.PathLike,
+        manifest: dict[str, Any],
+        items: list[tuple[int, Item]],
+        vectors: np.ndarray,
+        ids: np.ndarray,
+        write_faiss,
+        *,
+        overwrite: bool = False,
+    ) -> "IndexDir":
+        """Write a new index directory (generation 1) beside the target, then move it into place."""
+        target = Path(path)
+        if target.exists():
+            if not target.is_dir():
+                raise StoreError(f"{target}: exists and is a file", subject=str(target))
+            is_index = (target / MANIFEST).exists()
+            if any(target.iterdir()) and not (is_index and overwrite):
+                what = "an index" if is_index else "a folder that is not empty"
+                hint = "; pass --force to replace it" if is_index else ""
+                raise StoreError(f"{target}: already exists and is {what}{hint}", subject=str(target))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+        try:
+            new = IndexDir(staging)
+            conn = sqlite3.connect(staging / ITEMS_DB)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_SCHEMA)
+            conn.close()
+            manifest = dict(manifest, format_version=FORMAT_VERSION, generation=0, count=0, files={})
+            manifest.setdefault("created_at", now())
+            new._commit(manifest, vectors, ids, write_faiss, added=items, removed=[])
+            _fsync_dir(staging)
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.rename(target, old)
+                os.rename(staging, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(staging, target)
+            _fsync_dir(target.parent)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return IndexDir(target)
+
+    def commit(
+        self,
+        manifest: dict[str, Any],
+        vectors: np.ndarray,
+        ids: np.ndarray,
+        write_faiss,
+        *,
+        added: list[tuple[int, Item]],
+        removed: Iterable[int],
+    ) -> dict[str, Any]:
+        """Make the next generation: call under ``lock()`` with the manifest read under it."""
+        self.repair(manifest["generation"])
+        return self._commit(manifest, vectors, ids, write_faiss, added=added, removed=list(removed))
+
+    def _commit(self, manifest, vectors, ids, write_faiss, *, added, removed) -> dict[str, Any]:
+        old_gen = int(manifest["generation"])
+        gen = old_gen + 1
+        files = {
+            f"vectors-{gen}.npy": _write_atomic(self.path / f"vectors-{gen}.npy", lambda f: np.save(f, vectors)),
+            f"ids-{gen}.npy": _write_atomic(self.path / f"ids-{gen}.npy", lambda f: np.save(f, ids)),
+        }
+        faiss_path = self.path / f"index-{gen}.faiss"
+        tmp = self.path / f".index-{gen}.faiss.tmp"
+        write_faiss(str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, faiss_path)
+        files[faiss_path.name] = {"size": faiss_path.stat().st_size, "sha256": _sha256(faiss_path)}
+
+        conn = sqlite3.connect(self.path / ITEMS_DB, timeout=30)
+        try:
+            with conn:
+                conn.executemany(
+                    "INSERT INTO items(int_id, id, label, image, metadata, added_gen) VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        (int(i), it.id, it.label, it.image, json.dumps(it.metadata, ensure_ascii=False, default=str), gen)
+                        for i, it in added
+                    ],
+                )
+                conn.executemany(
+                    "UPDATE items SET removed_gen = ? WHERE int_id = ? AND removed_gen IS NULL",
+                    [(gen, int(i)) for i in removed],
+                )
+        except sqlite3.IntegrityError as exc:
+            raise StoreError(f"{self.path}: {ITEMS_DB} refused the change ({exc})") from exc
+        finally:
+            conn.close()
+
+        new_manifest = dict(manifest, generation=gen, count=int(len(ids)), files=files, updated_at=now())
+        _write_atomic(
+            self.path / MANIFEST,
+            lambda f: f.write(json.dumps(new_manifest, indent=2, sort_keys=False).encode("utf-8") + b"\n"),
+        )
+        _fsync_dir(self.path)
+        self._cleanup(gen)
+        return new_manifest
+
+    def repair(self, gen: int) -> None:
+        """Undo SQLite rows of a change that crashed before its manifest was committed."""
+        conn = sqlite3.connect(self.path / ITEMS_DB, timeout=30)
+        try:
+            with conn:
+                conn.execute("DELETE FROM items WHERE added_gen > ?", (gen,))
+                conn.execute("UPDATE items SET removed_gen = NULL WHERE removed_gen > ?", (gen,))
+        finally:
+            conn.close()
+
+    def _cleanup(self, gen: int) -> None:
+        """Delete other generations' files and rows removed before the previous generation."""
+        keep = {f"vectors-{gen}.npy", f"ids-{gen}.npy", f"index-{gen}.faiss"}
+        for p in self.path.iterdir():
+            stale_gen = p.name.startswith(("vectors-", "ids-", "index-")) and p.name not in keep
+            stale_tmp = p.name.startswith(".") and p.name.endswith(".tmp")
+            if stale_gen or stale_tmp:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+        conn = sqlite3.connect(self.path / ITEMS_DB, timeout=30)
+        try:
+            with conn:
+                conn.execute("DELETE FROM items WHERE removed_gen IS NOT NULL AND removed_gen < ?", (gen,))
+        finally:
+            conn.close()
+
+    def verify(self) -> list[str]:
+        """Problems found by checking every file's sha256 against the manifest (empty if none)."""
+        manifest = self.manifest()
+        problems = []
+        for name, info in manifest["files"].items():
+            path = self.path / name
+            if not path.exists():
+                problems.append(f"{name} is missing")
+            elif _sha256(path) != info.get("sha256"):
+                problems.append(f"{name} does not match its sha256")
+        return problems
+
+    def disk_size(self) -> int:
+        return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+
+
+class ItemTable:
+    """Read-only queries on items.sqlite for one generation: lookups by int id, id, and filter."""
+
+    def __init__(self, index_dir: IndexDir, gen: int):
+        self.conn = index_dir.connect(readonly=True)
+        self.gen = gen
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def rows(self, int_ids: Iterable[int]) -> dict[int, tuple[str, str | None, str | None, dict]]:
+        """int_id -> (id, label, image, metadata) for the given int ids, in one query."""
+        wanted = sorted({int(i) for i in int_ids})
+        out = {}
+        for start in range(0, len(wanted), 900):
+            chunk = wanted[start:start + 900]
+            marks = ",".join("?" * len(chunk))
+            for int_id, id_, label, image, metadata in self.conn.execute(
+                f"SELECT int_id, id, label, image, metadata FROM items WHERE int_id IN ({marks})", chunk
+            ):
+                out[int_id] = (id_, label, image, json.loads(metadata))
+        return out
+
+    def int_ids(self, ids: Iterable[str]) -> dict[str, int]:
+        """id -> int_id for those of ``ids`` that are in this generation."""
+        wanted = list(dict.fromkeys(str(i) for i in ids))
+        out = {}
+        for start in range(0, len(wanted), 900):
+            chunk = wanted[start:start + 900]
+            marks = ",".join("?" * len(chunk))
+            for id_, int_id in self.conn.execute(
+                f"SELECT id, int_id FROM items WHERE id IN ({marks}) AND {_VISIBLE.replace(':gen', '?')}",
+                [*chunk, self.gen, self.gen],
+            ):
+                out[id_] = int_id
+        return out
+
+    def matching(self, where: dict[str, Any]) -> np.ndarray:
+        """int ids whose metadata equals ``where`` (a list value means any of its values)."""
+        clauses, params = [], []
+        for key, value in where.items():
+            path = '$."' + str(key).replace('"', '""') + '"'
+            values = value if isinstance(value, (list, tuple, set)) else [value]
+            if not values:
+                return np.zeros(0, np.int64)
+            marks = ",".join("?" * len(values))
+            clauses.append(f"json_extract(metadata, ?) IN ({marks})")
+            params.extend([path, *[_sql_value(v) for v in values]])
+        sql = f"SELECT int_id FROM items WHERE {_VISIBLE.replace(':gen', '?')}"
+        params = [self.gen, self.gen, *params]
+        if clauses:
+            sql += " AND " + " AND ".join(clauses)
+        return np.fromiter((r[0] for r in self.conn.execute(sql, params)), dtype=np.int64)
+
+    def all_rows(self) -> list[tuple[int, str, str | None, str | None, dict]]:
+        cur = self.conn.execute(
+            f"SELECT int_id, id, label, image, metadata FROM items WHERE {_VISIBLE.replace(':gen', '?')} ORDER BY int_id",
+            (self.gen, self.gen),
+        )
+        return [(i, id_, label, image, json.loads(m)) for i, id_, label, image, m in cur]
+
+    def max_int_id(self) -> int:
+        row = self.conn.execute("SELECT MAX(int_id) FROM items").fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+
+def _sql_value(v: Any) -> Any:
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, (int, float, str)) or v is None:
+        return v
+    return json.dumps(v)

