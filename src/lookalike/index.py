@@ -96,7 +96,7 @@ def plan(kind: str, metric: str, n: int, dim: int) -> IndexSpec:
     params = {"nlist": nlist, "nprobe": nprobe}
     why = f"{n} items: {nlist} lists (about 4*sqrt(n), >= {POINTS_PER_CENTROID} items each), nprobe {nprobe}"
     if kind == "ivfpq":
-        m = max(d for d in range(1, min(64, dim) + 1) if dim % d == 0)
+        m = max(d for d in range(1, max(1, min(64, dim // 4)) + 1) if dim % d == 0)  # >= 4 dims each
         nbits = min(8, int(math.floor(math.log2(n / POINTS_PER_CENTROID))))
         params.update({"m": m, "nbits": nbits})
         why += f"; PQ with {m} sub-quantizers of {nbits} bits ({m * nbits // 8} bytes a vector)"

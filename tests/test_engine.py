@@ -1,0 +1,273 @@
+"""VisualSearch end to end on real images, real FAISS and real SQLite files."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import COIL, DATA, FASHION, SAMPLE, tree_digest, write_csv
+from lookalike import (
+    CatalogError,
+    Hit,
+    ImageError,
+    ImageNotFoundError,
+    ModelError,
+    QueryError,
+    SearchResult,
+    StoreError,
+    VisualSearch,
+)
+
+QUERY = SAMPLE / "queries" / "jeans-18193.jpg"
+
+
+def test_search_accepts_every_input_kind_and_agrees(sample_index):
+    vs = VisualSearch.open(sample_index)
+    img = Image.open(QUERY)
+    vector = vs.featurize(QUERY)[0]
+    inputs = [str(QUERY), QUERY, QUERY.read_bytes(), img, np.asarray(img), vector, vector.tolist()]
+    results = vs.search(inputs, k=3)
+    assert len(results) == len(inputs)
+    first = [r.hits[0].id for r in results]
+    assert len(set(first)) == 1, first
+    for r in results:
+        assert [h.rank for h in r.hits] == [1, 2, 3]
+        assert r.hits[0].score >= r.hits[1].score >= r.hits[2].score
+        np.testing.assert_allclose([h.score for h in r.hits], [h.score for h in results[0].hits], atol=1e-4)
+    single = vs.search(QUERY, k=2)
+    assert isinstance(single, SearchResult) and isinstance(single.hits[0], Hit)
+    d = single.to_dict()
+    assert set(d) == {"query", "hits"} and set(d["hits"][0]) == {"rank", "id", "score", "distance", "metadata"}
+    assert d["hits"][0]["metadata"]["label"] == "Jeans" and "location" in d["hits"][0]["metadata"]
+    assert abs(d["hits"][0]["distance"] - (1 - d["hits"][0]["score"])) < 1e-6
+
+
+def test_a_batch_of_vectors_and_k_beyond_the_catalog(sample_index):
+    vs = VisualSearch.open(sample_index)
+    vectors = vs.featurize([QUERY, SAMPLE / "queries" / "watches-45260.jpg"])
+    results = vs.search(vectors, k=10_000)
+    assert [len(r.hits) for r in results] == [300, 300]
+    assert len({h.id for h in results[0].hits}) == 300
+
+
+def test_filter_is_applied_inside_the_search(sample_index):
+    vs = VisualSearch.open(sample_index)
+    r = vs.search(QUERY, k=5, filter={"label": "Watches"})
+    assert len(r.hits) == 5 and all(h.metadata["label"] == "Watches" for h in r.hits)
+    r = vs.search(QUERY, k=50, filter={"label": "Nail Polish"})
+    assert len(r.hits) == 5  # all the matching items, no padding
+    r = vs.search(QUERY, k=5, filter={"label": ["Watches", "Belts"], "gender": "Men"})
+    assert r.hits and all(h.metadata["label"] in ("Watches", "Belts") and h.metadata["gender"] == "Men" for h in r.hits)
+    assert vs.search(QUERY, k=5, filter={"label": "no such label"}).hits == []
+
+
+def test_bad_queries_are_typed_errors(sample_index):
+    vs = VisualSearch.open(sample_index)
+    with pytest.raises(QueryError, match="dimension 3"):
+        vs.search([1.0, 2.0, 3.0])
+    with pytest.raises(QueryError, match="NaN"):
+        vs.search(np.full(1280, np.nan, dtype=np.float32))
+    with pytest.raises(QueryError, match="infinite"):
+        vs.search(np.full(1280, np.inf, dtype=np.float32))
+    for k in (0, -3):
+        with pytest.raises(QueryError, match="k must"):
+            vs.search(QUERY, k=k)
+    with pytest.raises(ImageNotFoundError, match="nothere.jpg"):
+        vs.search("nothere.jpg")
+    with pytest.raises(ImageError):
+        vs.search(b"definitely not an image")
+    with pytest.raises(QueryError):
+        vs.search([])
+
+
+def test_build_skips_unreadable_images_with_reasons_and_strict_refuses(tmp_path):
+    good = sorted((COIL).glob("obj2__*.png"))[:4]
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0" + b"garbage" * 50)
+    rows = [[p.stem, str(p), "obj2"] for p in good] + [["gone", str(tmp_path / "gone.png"), "x"], ["bad", str(corrupt), "x"]]
+    catalog = write_csv(tmp_path / "c.csv", ["id", "image", "label"], rows)
+    vs = VisualSearch.build(catalog, tmp_path / "idx")
+    report = vs.build_report
+    assert report.indexed == 4 and len(vs) == 4
+    reasons = dict(report.skipped)
+    assert reasons["gone"].startswith("missing") and reasons["bad"].startswith("unreadable")
+    assert "indexed 4 items, skipped 2" in report.summary()
+    with pytest.raises(ImageError):
+        VisualSearch.build(catalog, tmp_path / "strict", strict=True)
+    assert not (tmp_path / "strict").exists()
+
+
+def test_build_refuses_to_clobber_and_bad_arguments_fail_before_work(tmp_path, sample_index):
+    with pytest.raises(StoreError, match="--force"):
+        VisualSearch.build(SAMPLE / "catalog.csv", sample_index)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "precious.txt").write_text("mine")
+    with pytest.raises(StoreError, match="not empty"):
+        VisualSearch.build(SAMPLE / "catalog.csv", tmp_path / "full")
+    assert (tmp_path / "full" / "precious.txt").read_text() == "mine"
+    with pytest.raises(ModelError, match="unknown model"):
+        VisualSearch.build(SAMPLE / "catalog.csv", tmp_path / "x", model="efficientnet-b99")
+    with pytest.raises(Exception, match="unknown metric"):
+        VisualSearch.build(SAMPLE / "catalog.csv", tmp_path / "x", metric="manhattan")
+    with pytest.raises(CatalogError, match="does not exist"):
+        VisualSearch.build(tmp_path / "nope", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_force_replaces_an_index(tmp_path):
+    catalog = write_csv(tmp_path / "c.csv", ["id", "image"], [[p.stem, str(p)] for p in sorted(COIL.glob("obj9__*.png"))[:3]])
+    VisualSearch.build(catalog, tmp_path / "idx")
+    catalog2 = write_csv(tmp_path / "d.csv", ["id", "image"], [[p.stem, str(p)] for p in sorted(COIL.glob("obj8__*.png"))[:2]])
+    vs = VisualSearch.build(catalog2, tmp_path / "idx", force=True, metric="l2")
+    assert len(vs) == 2 and vs.info()["metric"] == "l2"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_add_and_remove_without_rebuilding(sample_copy, tmp_path):
+    vs = VisualSearch.open(sample_copy)
+    new = write_csv(tmp_path / "new.csv", ["id", "image", "label", "title"], [["q-jeans", str(QUERY), "Jeans", "query jeans"]])
+    report = vs.add(new)
+    assert report.indexed == 1 and len(vs) == 301
+    hit = vs.search(QUERY, k=1).hits[0]
+    assert hit.id == "q-jeans" and hit.score > 0.999 and hit.metadata["title"] == "query jeans"
+    reopened = VisualSearch.open(sample_copy)
+    assert len(reopened) == 301 and reopened.info()["generation"] == 2
+    assert vs.remove(["q-jeans", "1563"] if "1563" in {h.id for h in vs.search(QUERY, k=300).hits} else ["q-jeans"]) >= 1
+    assert vs.search(QUERY, k=1).hits[0].id != "q-jeans"
+    assert VisualSearch.open(sample_copy).search(QUERY, k=1).hits[0].id != "q-jeans"
+    # the id can come back after removal
+    vs.add(new)
+    assert vs.search(QUERY, k=1).hits[0].id == "q-jeans"
+
+
+def test_failed_changes_leave_the_index_exactly_as_it_was(sample_copy, tmp_path):
+    before = tree_digest(sample_copy)
+    vs = VisualSearch.open(sample_copy)
+    existing = vs.search(QUERY, k=1).hits[0].id
+    dup = write_csv(tmp_path / "dup.csv", ["id", "image"], [["fresh", str(QUERY)], [existing, str(QUERY)]])
+    with pytest.raises(CatalogError, match="already in the index"):
+        vs.add(dup)
+    broken = write_csv(tmp_path / "broken.csv", ["id", "image"], [["b1", str(tmp_path / "missing.jpg")]])
+    with pytest.raises(ImageError):
+        vs.add(broken, strict=True)
+    with pytest.raises(CatalogError, match="no 'image'"):
+        vs.add(write_csv(tmp_path / "noimg.csv", ["id"], [["x"]]))
+    with pytest.raises(CatalogError, match="no item with id 'nope'"):
+        vs.remove([existing, "nope"])
+    assert vs.add(broken).indexed == 0  # skipped, not an error: and nothing written
+    assert tree_digest(sample_copy) == before
+    assert len(VisualSearch.open(sample_copy)) == 300
+
+
+def test_classify_votes_and_breaks_ties_by_summed_score(sample_index):
+    vs = VisualSearch.open(sample_index)
+    r = vs.classify(SAMPLE / "queries" / "sunglasses-23724.jpg", k=5)
+    assert r["label"] == "Sunglasses" and r["votes"]["Sunglasses"]["count"] >= 3
+    many = vs.classify([QUERY, SAMPLE / "queries" / "watches-45260.jpg"], k=4)
+    assert [m["label"] for m in many] == ["Jeans", "Watches"]
+    tie = vs.classify(QUERY, k=2)
+    counts = [v["count"] for v in tie["votes"].values()]
+    if counts == [1, 1]:  # a tie: the winner has the larger summed score
+        assert tie["label"] == tie["hits"][0]["metadata"]["label"]
+
+
+def test_evaluate_leave_one_out_reuses_stored_vectors(sample_index):
+    vs = VisualSearch.open(sample_index)
+    result = vs.evaluate(SAMPLE / "catalog.csv", ks=[1, 5])
+    assert result["queries"] == 300 and result["left_out_self"] == 300
+    assert set(result) >= {"recall@1", "recall@5", "precision@1", "mAP", "queries"}
+    assert 0.5 < result["precision@1"] <= 1.0 and result["recall@5"] >= result["recall@1"]
+    assert result["mAP"] < 1.0
+
+
+def test_open_rejects_damaged_or_foreign_directories(sample_copy, tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        VisualSearch.open(tmp_path / "nothing")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(StoreError, match="not a lookalike index"):
+        VisualSearch.open(tmp_path / "plain")
+
+    other = tmp_path / "other"
+    shutil.copytree(sample_copy, other)
+    manifest = json.loads((other / "lookalike.json").read_text())
+    (other / "lookalike.json").write_text(json.dumps(dict(manifest, format_version=99)))
+    with pytest.raises(StoreError, match="format 99.*rebuild"):
+        VisualSearch.open(other)
+
+    (other / "lookalike.json").write_text(json.dumps(dict(manifest, count=299)))
+    with pytest.raises(StoreError, match="299"):
+        VisualSearch.open(other)
+
+    (other / "lookalike.json").write_text("{ half a manif")
+    with pytest.raises(StoreError, match="unreadable"):
+        VisualSearch.open(other)
+
+    half = tmp_path / "half"
+    shutil.copytree(sample_copy, half)
+    next(half.glob("vectors-*.npy")).unlink()
+    with pytest.raises(StoreError, match="missing vectors"):
+        VisualSearch.open(half)
+    shutil.rmtree(half)
+    shutil.copytree(sample_copy, half)
+    (half / "items.sqlite").unlink()
+    with pytest.raises(StoreError, match="items.sqlite"):
+        VisualSearch.open(half)
+
+
+def test_the_faiss_file_is_a_cache(sample_copy):
+    next(sample_copy.glob("index-*.faiss")).unlink()
+    vs = VisualSearch.open(sample_copy)
+    assert vs.index_rebuilt and vs.search(QUERY, k=1).hits[0].metadata["label"] == "Jeans"
+
+
+def test_queries_use_the_model_and_weights_recorded_in_the_manifest(sample_copy):
+    manifest = json.loads((sample_copy / "lookalike.json").read_text())
+    manifest["model"]["weights"]["sha256"] = "0" * 64
+    (sample_copy / "lookalike.json").write_text(json.dumps(manifest))
+    vs = VisualSearch.open(sample_copy)
+    vs.search(np.ones(1280, np.float32), k=1)  # vectors need no model
+    with pytest.raises(ModelError, match="weights"):
+        vs.search(QUERY)
+
+
+def test_ivf_index_end_to_end_on_the_fashion_catalog(tmp_path):
+    vs = VisualSearch.build(FASHION / "items.csv", tmp_path / "ivf", index="ivf")
+    info = vs.info()
+    assert info["index"] == "ivf" and info["index_params"]["nlist"] >= 8 and "lists" in info["chosen_because"]
+    assert vs.evaluate(FASHION / "items.csv", ks=[1])["precision@1"] >= 0.75
+    _remove_one_and_search_all(vs)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+def test_hnsw_and_small_ivfpq_end_to_end(kind, tmp_path):
+    vs = VisualSearch.build(SAMPLE / "catalog.csv", tmp_path / kind, index=kind)
+    info = vs.info()
+    if kind == "hnsw":
+        assert info["index"] == "hnsw" and info["index_params"]["M"] == 32
+    else:  # 300 items are too few to train IVF-PQ: exact search, with a warning saying so
+        assert info["index"] == "flat" and "too few" in info["chosen_because"] and vs.build_report.warnings
+    _remove_one_and_search_all(vs)
+
+
+def _remove_one_and_search_all(vs):
+    before = len(vs)
+    gone = vs.search(QUERY, k=1).hits[0].id
+    vs.remove([gone])
+    assert len(vs) == before - 1 and vs.search(QUERY, k=1).hits[0].id != gone
+    assert len(vs.search(QUERY, k=10**6).hits) == before - 1
+
+
+def test_array_and_pil_inputs_of_every_mode(sample_index):
+    vs = VisualSearch.open(sample_index)
+    rgb = Image.open(QUERY).convert("RGB")
+    inputs = [rgb.convert("L"), rgb.convert("RGBA"), rgb.convert("CMYK"), rgb.convert("P"), np.asarray(rgb.convert("L"))]
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG")
+    inputs.append(buf.getvalue())
+    for r in vs.search(inputs, k=1):
+        assert r.hits and r.hits[0].score > 0.5
