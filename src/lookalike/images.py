@@ -12,10 +12,13 @@ Safety rules, all in this one place:
 
 from __future__ import annotations
 
+import http.client
 import io
+import math
 import ipaddress
 import os
 import socket
+import struct
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -54,8 +57,9 @@ class ImagePolicy:
 
 DEFAULT_POLICY = ImagePolicy()
 
-# We enforce our own pixel limit before decoding; Pillow's own check stays as a backstop.
-Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, DEFAULT_POLICY.max_pixels)
+# Our own pixel limit (ImagePolicy.max_pixels) is checked from the header before any decoding;
+# Pillow's fixed global limit would override a policy that allows more, so it is turned off.
+Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
@@ -104,8 +108,8 @@ def load_image(
             data = fetch_url(text, policy)
             return _decode(io.BytesIO(data), name, policy, draft_size)
         path = Path(text)
-        if not path.is_file():
-            what = "is a directory, not an image file" if path.is_dir() else "does not exist"
+        if not os.path.isfile(path):
+            what = "is a directory, not an image file" if os.path.isdir(path) else "does not exist or is not a file"
             raise ImageNotFoundError(f"{name}: {what}", subject=name)
         try:
             size = path.stat().st_size
@@ -140,10 +144,9 @@ def _decode(fp, name: str, policy: ImagePolicy, draft_size: int | None) -> Image
                 short = min(img.size)
                 if short >= 2 * draft_size:
                     scale = short / draft_size
-                    img.draft("RGB", (int(img.width / scale) + 1, int(img.height / scale) + 1))
+                    img.draft("RGB", (math.ceil(img.width / scale), math.ceil(img.height / scale)))
             img.load()
-            img = ImageOps.exif_transpose(img) if img.format in ("JPEG", "MPO", "TIFF", "WEBP", "PNG") else img
-            return to_rgb(img, name)
+            return to_rgb(_apply_orientation(img), name)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -154,10 +157,18 @@ def _decode(fp, name: str, policy: ImagePolicy, draft_size: int | None) -> Image
         raise ImageFormatError(f"{name}: corrupt or truncated image ({exc})", subject=name) from exc
 
 
+def _apply_orientation(img: Image.Image) -> Image.Image:
+    """Rotate/flip by the EXIF orientation tag; a malformed EXIF block is ignored, not fatal."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except (struct.error, SyntaxError, ValueError, TypeError, KeyError, IndexError, OSError):
+        return img
+
+
 def to_rgb(img: Image.Image, name: str = "<image>") -> Image.Image:
     """Convert any PIL mode to RGB: alpha on white, CMYK by Pillow, 16-bit scaled to 8-bit."""
     mode = img.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in img.info:
         return img
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img).astype(np.float64)
@@ -166,14 +177,15 @@ def to_rgb(img: Image.Image, name: str = "<image>") -> Image.Image:
             top = 1.0
         arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
-    if mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-        mode = "RGBA"
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
     try:
+        if mode == "La":
+            img, mode = img.convert("LA"), "LA"
+        if "transparency" in img.info and mode in ("P", "L", "RGB", "1"):  # palette or colour-key
+            img, mode = img.convert("RGBA"), "RGBA"
+        if mode in ("RGBA", "LA", "PA", "RGBa"):
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
         return img.convert("RGB")
     except (ValueError, OSError) as exc:
         raise ImageFormatError(f"{name}: image mode {mode} cannot be converted to RGB", subject=name) from exc
@@ -242,8 +254,9 @@ def fetch_url(url: str, policy: ImagePolicy = DEFAULT_POLICY) -> bytes:
     except ImageError:
         raise
     except urllib.error.HTTPError as exc:
+        exc.close()
         raise ImageFetchError(f"{url}: server answered {exc.code} {exc.reason}", subject=url) from exc
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ImageFetchError(f"{url}: cannot be fetched ({reason})", subject=url) from exc
     if len(data) > policy.max_bytes:

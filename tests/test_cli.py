@@ -1,0 +1,140 @@
+"""The `lookalike` command, run as a real process: output formats, exit codes, quality gates."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import COIL, DATA, FASHION, SAMPLE, tree_digest, write_csv
+
+EXE = shutil.which("lookalike", path=str(Path(sys.executable).parent)) or "lookalike"
+QUERIES = sorted((SAMPLE / "queries").glob("*.jpg"))
+
+
+def run(*args, check=True):
+    proc = subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"lookalike {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+def test_build_search_info_from_the_command_line(tmp_path):
+    out = tmp_path / "idx"
+    proc = run("build", SAMPLE / "catalog.csv", "-o", out, "--progress")
+    assert "indexed 300 items, skipped 0" in proc.stdout and "items/s" in proc.stdout
+    assert "featurizing" in proc.stderr and "img/s" in proc.stderr  # the progress bar
+
+    proc = run("search", out, *QUERIES[:2], "-k", "3", "--json")
+    data = json.loads(proc.stdout)
+    assert [d["query"] for d in data] == [str(q) for q in QUERIES[:2]]
+    for d in data:
+        assert set(d) == {"query", "hits"} and [h["rank"] for h in d["hits"]] == [1, 2, 3]
+        for h in d["hits"]:
+            assert set(h) == {"rank", "id", "score", "distance", "metadata"}
+            assert isinstance(h["id"], str) and isinstance(h["score"], float)
+            assert {"title", "label", "location"} <= set(h["metadata"])
+    human = run("search", out, QUERIES[0], "-k", "2").stdout
+    assert str(QUERIES[0]) in human and " 1. " in human and "score" in human and "location=Aisle" in human
+
+    filtered = json.loads(run("search", out, QUERIES[0], "--filter", "label=Watches", "--json").stdout)
+    assert all(h["metadata"]["label"] == "Watches" for h in filtered[0]["hits"]) and len(filtered[0]["hits"]) == 5
+
+    info = json.loads(run("info", out, "--json").stdout)
+    assert info["model"] == "efficientnet-lite0" and info["metric"] == "cosine" and info["index"] == "flat"
+    assert info["dim"] == 1280 and info["count"] == 300 and info["size_bytes"] > 300 * 1280 * 4
+    text = run("info", out, "--verify").stdout
+    for word in ("efficientnet-lite0", "cosine", "flat", "1280", "300", "size on disk", "verify:         ok"):
+        assert word in text
+
+
+def test_add_remove_classify_from_the_command_line(tmp_path, sample_index):
+    out = tmp_path / "idx"
+    shutil.copytree(sample_index, out)
+    extra = tmp_path / "extra"
+    (extra / "toys").mkdir(parents=True)
+    for p in sorted(COIL.glob("obj7__*.png"))[:3]:
+        shutil.copy(p, extra / "toys" / p.name)
+    (extra / "toys" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    proc = run("add", out, extra)
+    assert "indexed 3 items, skipped 1 (1 unreadable)" in proc.stdout and "toys/broken" in proc.stdout
+    assert "303 items" in proc.stdout
+    hits = json.loads(run("search", out, COIL / "obj7__30.png", "-k", "1", "--json").stdout)[0]["hits"]
+    assert hits[0]["id"].startswith("toys/obj7__") and hits[0]["metadata"]["label"] == "toys"
+    proc = run("remove", out, "toys/obj7__0", "toys/obj7__120", "--json")
+    assert json.loads(proc.stdout) == {"removed": 2, "count": 301}
+
+    votes = json.loads(run("classify", out, QUERIES[0], QUERIES[-1], "-k", "5", "--json").stdout)
+    assert [v["query"] for v in votes] == [str(QUERIES[0]), str(QUERIES[-1])]
+    assert votes[1]["label"] == "Watches" and sum(v["count"] for v in votes[1]["votes"].values()) == 5
+    assert "votes:" in run("classify", out, QUERIES[-1]).stdout
+
+
+def test_coil_6view_recall_as_printed_by_evaluate(coil_index):
+    """Issue gate: default model and metric, recall@1 >= 0.95 and recall@5 >= 0.98."""
+    proc = run("evaluate", coil_index, DATA / "coil-6view" / "queries.csv", "--json")
+    result = json.loads(proc.stdout)
+    for key in ("recall@1", "recall@5", "recall@10", "precision@1", "mAP", "queries"):
+        assert key in result
+    assert result["queries"] == 600
+    assert result["recall@1"] >= 0.95 and result["recall@5"] >= 0.98, result
+    human = run("evaluate", coil_index, DATA / "coil-6view" / "queries.csv", "-k", "1,3").stdout
+    assert "recall@3:" in human and "queries_per_s:" in human
+
+
+def test_fashion_leave_one_out_precision(tmp_path):
+    """Issue gate: fashion leave-one-out articleType precision@1 >= 0.68."""
+    run("build", FASHION / "items.csv", "-o", tmp_path / "f", "-q")
+    result = json.loads(run("evaluate", tmp_path / "f", FASHION / "items.csv", "--json").stdout)
+    assert result["queries"] == 2000 and result["left_out_self"] == 2000
+    assert result["precision@1"] >= 0.68, result
+
+
+BAD_CASES = {
+    "missing catalog": (["build", "{tmp}/nope", "-o", "{tmp}/o"], "nope: catalog does not exist"),
+    "unknown model": (["build", "{sample}", "-o", "{tmp}/o", "--model", "vgg-99"], "unknown model 'vgg-99'"),
+    "no image column": (["build", "{noimage}", "-o", "{tmp}/o"], "no 'image' column"),
+    "duplicate id": (["build", "{dup}", "-o", "{tmp}/o"], "duplicate id 'a'"),
+    "unknown metric": (["build", "{sample}", "-o", "{tmp}/o", "--metric", "cosinus"], "invalid choice"),
+    "unknown kind": (["build", "{sample}", "-o", "{tmp}/o", "--index", "lsh"], "invalid choice"),
+    "k < 1": (["search", "{index}", "{query}", "-k", "0"], "must be at least 1"),
+    "bad image": (["search", "{index}", "{garbage}"], "not a recognised image"),
+    "missing query": (["search", "{index}", "{tmp}/missing.jpg"], "does not exist"),
+    "not an index": (["search", "{tmp}", "{query}"], "not a lookalike index"),
+    "remove unknown": (["remove", "{index}", "no-such-id"], "no item with id 'no-such-id'"),
+    "add duplicate": (["add", "{index}", "{sample}"], "already in the index"),
+    "existing output": (["build", "{sample}", "-o", "{index}"], "pass --force"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_input_exits_2_with_one_line_and_changes_nothing(case, tmp_path, sample_index):
+    index = tmp_path / "index"
+    shutil.copytree(sample_index, index)
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(os.urandom(2000))
+    paths = {
+        "tmp": tmp_path, "sample": SAMPLE / "catalog.csv", "index": index, "query": QUERIES[0], "garbage": garbage,
+        "noimage": write_csv(tmp_path / "noimage.csv", ["id", "picture"], [["a", "x.jpg"]]),
+        "dup": write_csv(tmp_path / "dup.csv", ["id", "image"], [["a", str(QUERIES[0])], ["a", str(QUERIES[1])]]),
+    }
+    before = tree_digest(index)
+    args, message = BAD_CASES[case]
+    proc = run(*[a.format(**paths) for a in args], check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert tree_digest(index) == before
+    assert not (tmp_path / "o").exists()
+
+
+def test_models_lists_the_registry():
+    out = run("models").stdout
+    for name in ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "resnet18", "resnet50", "resnet152", "timm:"):
+        assert name in out
