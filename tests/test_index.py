@@ -57,8 +57,11 @@ def test_approximate_kinds_find_the_exact_neighbours(kind, metric):
     q = x[::60] + 0.05
     _, _, got = index.search(q, 10)
     want, _ = _brute(metric, base, ids, q, 10)
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want)])
-    assert recall >= (0.5 if kind == "ivfpq" else 0.9), recall
+    if kind == "ivfpq":  # compressed codes: the true nearest neighbour is in the top 10 (1-recall@10)
+        recall = np.mean([b[0] in a for a, b in zip(got, want)])
+    else:
+        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, want)])
+    assert recall >= 0.9, recall
     assert (got >= 100).all(), "never a -1 or unknown id"
 
 
@@ -98,7 +101,7 @@ def test_plan_picks_parameters_from_size():
     small, big = plan("ivf", "cosine", 2000, 1280), plan("ivf", "cosine", 1_000_000, 1280)
     assert small.params["nlist"] * 39 <= 2000 and big.params["nlist"] == 2048
     pq = plan("ivfpq", "l2", 100_000, 1280)
-    assert 1280 % pq.params["m"] == 0 and pq.params["nbits"] == 8
+    assert pq.params["m"] == 64 and pq.params["nbits"] == 8
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -96,10 +96,11 @@ def plan(kind: str, metric: str, n: int, dim: int) -> IndexSpec:
     params = {"nlist": nlist, "nprobe": nprobe}
     why = f"{n} items: {nlist} lists (about 4*sqrt(n), >= {POINTS_PER_CENTROID} items each), nprobe {nprobe}"
     if kind == "ivfpq":
-        m = max(d for d in range(1, max(1, min(64, dim // 4)) + 1) if dim % d == 0)  # >= 4 dims each
-        nbits = min(8, int(math.floor(math.log2(n / POINTS_PER_CENTROID))))
-        params.update({"m": m, "nbits": nbits})
-        why += f"; PQ with {m} sub-quantizers of {nbits} bits ({m * nbits // 8} bytes a vector)"
+        # 8-bit codes (256 centroids per sub-quantizer: MIN_ITEMS_IVF vectors are enough to train
+        # them), and up to 64 sub-quantizers of at least 2 dimensions each.
+        m = max(d for d in range(1, max(1, min(64, dim // 2)) + 1) if dim % d == 0)
+        params.update({"m": m, "nbits": 8})
+        why += f"; PQ with {m} sub-quantizers of 8 bits ({m} bytes a vector)"
     return IndexSpec(kind, metric, params, why)
 
 
@@ -144,6 +145,7 @@ class VectorIndex:
             index = faiss.IndexIVFFlat(quantizer, d, int(p["nlist"]), metric)
         else:
             index = faiss.IndexIVFPQ(quantizer, d, int(p["nlist"]), int(p["m"]), int(p["nbits"]), metric)
+            index.pq.cp.min_points_per_centroid = 1  # small catalogs are expected: no stderr warning
         index.own_fields = True
         quantizer.this.disown()
         return index
