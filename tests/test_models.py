@@ -103,3 +103,32 @@ def test_local_weights_file_for_a_timm_model(tmp_path):
     garbage.write_bytes(b"not a state dict")
     with pytest.raises(ModelError, match="not a loadable"):
         create_torch_model(spec, resolve_weights(spec, garbage))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU (runs on the device machine)")
+def test_cuda_fp16_vectors_agree_with_onnx_on_cpu():
+    from conftest import FASHION
+
+    spec = get_spec("efficientnet-lite0")
+    weights = resolve_weights(spec)
+    images = [_photo("chelsea"), _photo("coffee")] + sorted(FASHION.glob("images/*.jpg"))[:30]
+    cpu = Featurizer(spec, weights).featurize(images, strict=True).vectors
+    gpu_featurizer = Featurizer(spec, weights, device="cuda")
+    assert gpu_featurizer.runtime == "torch-cuda-fp16"
+    gpu = gpu_featurizer.featurize(images, strict=True).vectors
+    cos = (cpu * gpu).sum(1) / (np.linalg.norm(cpu, axis=1) * np.linalg.norm(gpu, axis=1))
+    assert cos.min() >= 0.999, cos.min()
+
+
+def test_cuda_without_a_gpu_is_a_clear_error():
+    if _cuda_available():
+        pytest.skip("this machine has a GPU")
+    spec = get_spec("efficientnet-lite0")
+    with pytest.raises(ModelError, match="no CUDA GPU"):
+        Featurizer(spec, resolve_weights(spec), device="cuda")

@@ -102,6 +102,8 @@ def test_a_reader_keeps_its_generation_while_a_writer_changes_the_index(sample_c
     writer.add(write_csv(tmp_path / "n.csv", ["id", "image"], [["new-one", str(QUERY)]]))
     assert len(reader) == 300 and reader.search(QUERY, k=1).hits[0].id != "new-one"
     assert len(VisualSearch.open(sample_copy)) == 301
+    assert reader.refresh() and len(reader) == 301 and reader.search(QUERY, k=1).hits[0].id == "new-one"
+    assert not reader.refresh()
 
 
 def test_manifest_records_what_the_index_is(sample_index):

@@ -36,6 +36,19 @@ from .types import Hit, IndexSpec, Item, ModelSpec, SearchResult
 ProgressFactory = Callable[[int], Any]  # total -> object with update(n) and close(), e.g. tqdm
 
 
+def _tqdm_factory(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="featurizing", mininterval=0.5, dynamic_ncols=True)
+
+
+def _progress(progress: "bool | ProgressFactory | None") -> "ProgressFactory | None":
+    """True: a tqdm bar on stderr (items/s, ETA); a callable: the caller's own; else none."""
+    if progress is True:
+        return _tqdm_factory
+    return progress or None
+
+
 @dataclass
 class Report:
     """What a build or an add did: items indexed, items skipped with their reasons, time taken."""
@@ -108,7 +121,7 @@ class VisualSearch:
         device: str = "cpu",
         strict: bool = False,
         force: bool = False,
-        progress: ProgressFactory | None = None,
+        progress: bool | ProgressFactory | None = None,
         policy: ImagePolicy = DEFAULT_POLICY,
     ) -> "VisualSearch":
         """Featurize a catalog and write a new index directory at ``path``.
@@ -122,7 +135,7 @@ class VisualSearch:
         _check_target(Path(path), force)
         resolved = resolve_weights(spec, weights)
         featurizer = Featurizer(spec, resolved, device=device, batch_size=batch_size, policy=policy)
-        vectors, kept, report = _featurize_items(featurizer, items, strict, progress)
+        vectors, kept, report = _featurize_items(featurizer, items, strict, _progress(progress))
         if not kept:
             raise CatalogError(f"{_name(catalog)}: none of its {len(items)} images could be read", subject=_name(catalog))
         vectors = prepare(vectors, metric)
@@ -161,6 +174,13 @@ class VisualSearch:
         if self._items is not None:
             self._items.close()
         self._items = ItemTable(self._store, int(manifest["generation"]))
+
+    def refresh(self) -> bool:
+        """Pick up changes another process committed since this one opened; True if there were."""
+        if self._store.manifest()["generation"] == self.manifest["generation"]:
+            return False
+        self._reload()
+        return True
 
     def close(self) -> None:
         if self._items is not None:
@@ -280,7 +300,7 @@ class VisualSearch:
         catalog: str | os.PathLike | Sequence[Item],
         *,
         strict: bool = False,
-        progress: ProgressFactory | None = None,
+        progress: bool | ProgressFactory | None = None,
     ) -> Report:
         """Add a catalog's items without rebuilding; ids already in the index are an error.
 
@@ -296,7 +316,7 @@ class VisualSearch:
                 + (f" ({len(present)} such ids)" if len(present) > 1 else ""),
                 subject=first.id,
             )
-        vectors, kept, report = _featurize_items(self.featurizer, items, strict, progress)
+        vectors, kept, report = _featurize_items(self.featurizer, items, strict, _progress(progress))
         if kept:
             vectors = prepare(vectors, self.metric)
             with self._store.lock():
@@ -346,7 +366,7 @@ class VisualSearch:
         *,
         label: str = "label",
         ks: Sequence[int] = (1, 5, 10),
-        progress: ProgressFactory | None = None,
+        progress: bool | ProgressFactory | None = None,
     ) -> dict[str, Any]:
         """Recall@k, precision@1 and mAP (full ranking) of a query catalog against this index.
 
@@ -380,7 +400,8 @@ class VisualSearch:
         skipped = 0
         keep = np.ones(len(items), bool)
         if to_featurize:
-            bar = progress(len(to_featurize)) if progress else None
+            factory = _progress(progress)
+            bar = factory(len(to_featurize)) if factory else None
             try:
                 result = self.featurizer.featurize([items[q].image for q in to_featurize], progress=bar.update if bar else None)
             finally:
