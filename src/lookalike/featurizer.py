@@ -12,8 +12,10 @@ import os
 import tempfile
 import threading
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from .images import DEFAULT_POLICY, ImagePolicy, ImageSource, load_image
 from .models import Weights, create_torch_model
 from .types import ModelSpec
 
-EXPORT_VERSION = 1  # bump when the export settings change, so cached files are remade
+EXPORT_VERSION = 2  # bump when the export settings change, so cached files are remade
 
 _INTERPOLATION = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -34,6 +36,9 @@ _INTERPOLATION = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
+
+
+CPU_CHUNK = 4  # inputs per model call on CPU: small batches stay in the core's cache (measured 1-8 best)
 
 
 def cache_dir() -> Path:
@@ -60,12 +65,19 @@ def preprocess(img: Image.Image, spec: ModelSpec) -> np.ndarray:
     else:
         new_w, new_h = max(scale, round(w * scale / h)), scale
     resample = _INTERPOLATION.get(spec.interpolation, Image.Resampling.BICUBIC)
-    img = img.resize((new_w, new_h), resample, reducing_gap=None)
+    # Resize only the centre crop: the same pixels as resize-then-crop, without making the border.
     left, top = (new_w - size) // 2, (new_h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    arr = np.asarray(img, dtype=np.float32) * (1.0 / 255.0)
-    arr = (arr - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    sx, sy = w / new_w, h / new_h
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    img = img.resize((size, size), resample, box=box, reducing_gap=None)
+    # (x / 255 - mean) / std as one multiply-add, written straight into a CHW float32 array.
+    std = np.asarray(spec.std, dtype=np.float32)
+    scale = (1.0 / (255.0 * std))[:, None, None]
+    offset = (-np.asarray(spec.mean, dtype=np.float32) / std)[:, None, None]
+    out = np.empty((3, size, size), np.float32)
+    np.multiply(np.asarray(img).transpose(2, 0, 1), scale, out=out)
+    out += offset
+    return out
 
 
 class FeaturizeResult:
@@ -115,6 +127,8 @@ class Featurizer:
 
     def run(self, pixels: np.ndarray) -> np.ndarray:
         """Run the model on a preprocessed batch [n, 3, H, W] -> float32 [n, dim]."""
+        if self.device == "cpu":  # an ONNX Runtime session may be run from several threads at once
+            return self._runtime.run(pixels)
         with self._lock:
             return self._runtime.run(pixels)
 
@@ -132,17 +146,58 @@ class Featurizer:
         vectors: list[np.ndarray] = []
         ok: list[int] = []
         errors: list[tuple[int, ImageError]] = []
-        for indices, pixels, batch_errors in self._batches(sources):
+        for indices, batch_vectors, batch_errors in self._featurized(sources):
             if batch_errors and strict:
                 raise batch_errors[0][1]
             errors.extend(batch_errors)
             if len(indices):
-                vectors.append(self.run(pixels))
+                vectors.append(batch_vectors)
                 ok.extend(indices)
             if progress:
                 progress(len(indices) + len(batch_errors))
         out = np.concatenate(vectors) if vectors else np.zeros((0, self.dim), np.float32)
         return FeaturizeResult(out, ok, errors)
+
+    def _featurized(self, sources: Sequence[ImageSource]) -> Iterator[tuple[list[int], np.ndarray, list]]:
+        """Yield (indices, vectors, errors) in input order."""
+        if self.device == "cpu":
+            yield from self._chunks(sources)
+        else:
+            for indices, pixels, errs in self._batches(sources):
+                yield indices, self.run(pixels), errs
+
+    def _chunks(self, sources: Sequence[ImageSource]) -> Iterator[tuple[list[int], np.ndarray, list]]:
+        """CPU: yield (indices, vectors, errors) per chunk of CPU_CHUNK inputs, in order.
+
+        Each of ``threads`` workers decodes its chunk and runs the single-threaded ONNX session
+        on it, so the cores never wait for each other: no decode threads competing with model
+        threads, no barrier between the model's threads after every layer.
+        """
+
+        def work(start: int):
+            done = []
+            for i in range(start, min(start + CPU_CHUNK, len(sources))):
+                try:
+                    done.append((i, self.load(sources[i]), None))
+                except ImageError as exc:
+                    done.append((i, None, exc))
+            indices = [i for i, _, err in done if err is None]
+            errs = [(i, err) for i, _, err in done if err is not None]
+            if not indices:
+                return indices, np.zeros((0, self.dim), np.float32), errs
+            return indices, self._runtime.run(np.stack([a for _, a, err in done if err is None])), errs
+
+        starts = iter(range(0, len(sources), CPU_CHUNK))
+        with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="lookalike-featurize") as pool:
+            pending = deque(pool.submit(work, s) for s in islice(starts, 4 * self.threads))  # bounded look-ahead
+            try:
+                while pending:
+                    done = pending.popleft().result()
+                    pending.extend(pool.submit(work, s) for s in islice(starts, 1))
+                    yield done
+            finally:
+                for future in pending:
+                    future.cancel()
 
     def _batches(self, sources: Sequence[ImageSource]) -> Iterator[tuple[list[int], np.ndarray, list]]:
         """Yield (indices, pixels, errors) per batch; decoding of the next batches runs ahead."""
@@ -186,7 +241,7 @@ class _OnnxRuntime:
             export_onnx(spec, weights, path)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = 1  # featurize runs `threads` calls at once, one per core
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         try:
@@ -243,7 +298,7 @@ def export_onnx(spec: ModelSpec, weights: Weights, path: Path) -> None:
     """Export the spec's feature model to ONNX at ``path``, atomically (temp file + rename)."""
     import torch
 
-    model = create_torch_model(spec, weights)
+    model = _static_same_padding(create_torch_model(spec, weights), spec.input_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(1, 3, spec.input_size, spec.input_size)
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".onnx.tmp", dir=path.parent)
@@ -256,6 +311,7 @@ def export_onnx(spec: ModelSpec, weights: Weights, path: Path) -> None:
                 input_names=["pixels"], output_names=["features"],
                 dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
             )
+        _fold_pads(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -264,3 +320,76 @@ def export_onnx(spec: ModelSpec, weights: Weights, path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _static_same_padding(model, size: int):
+    """Give timm's Conv2dSame layers the fixed padding of a ``size`` input.
+
+    Conv2dSame computes TF "SAME" padding from the input shape at run time; exported, that is a
+    chain of shape arithmetic and a Pad before 5 of the convolutions, which also forces ONNX
+    Runtime to convert the tensor layout back and forth around each Pad. The input size is fixed,
+    so the padding is a constant that ``_fold_pads`` can move into the Conv itself.
+    """
+    import torch
+    import torch.nn.functional as F
+    from timm.layers.conv2d_same import Conv2dSame
+    from timm.layers.padding import get_same_padding
+
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, Conv2dSame)}
+    shapes: dict[str, tuple[int, int]] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: shapes.__setitem__(n, tuple(a[0].shape[-2:])))
+             for n, m in layers.items()]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    for h in hooks:
+        h.remove()
+    for name, m in layers.items():
+        ih, iw = shapes[name]
+        ph = get_same_padding(ih, m.kernel_size[0], m.stride[0], m.dilation[0])
+        pw = get_same_padding(iw, m.kernel_size[1], m.stride[1], m.dilation[1])
+        pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+        m.forward = lambda x, m=m, pads=pads: F.conv2d(F.pad(x, pads), m.weight, m.bias, m.stride, (0, 0), m.dilation, m.groups)
+    return model
+
+
+def _fold_pads(path: str) -> None:
+    """Rewrite the ONNX file at ``path``: constants folded, each zero Pad merged into its Conv's pads."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # portable rewrites only
+    options.optimized_model_filepath = path + ".basic"
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        model = onnx.load(path + ".basic")
+    finally:
+        if os.path.exists(path + ".basic"):
+            os.unlink(path + ".basic")
+    graph = model.graph
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    for pad in [n for n in graph.node if n.op_type == "Pad"]:
+        mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+        pads = consts.get(pad.input[1]) if len(pad.input) > 1 else None
+        value = consts.get(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
+        after = users.get(pad.output[0], [])
+        if (mode != b"constant" or pads is None or value is None or np.any(value != 0) or len(pads) != 8
+                or np.any(pads[[0, 1, 4, 5]] != 0) or len(after) != 1 or after[0].op_type != "Conv"):
+            continue
+        conv = after[0]
+        old = next((list(a.ints) for a in conv.attribute if a.name == "pads"), [0, 0, 0, 0])
+        if any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for a in conv.attribute):
+            continue
+        new = [old[0] + int(pads[2]), old[1] + int(pads[3]), old[2] + int(pads[6]), old[3] + int(pads[7])]
+        for a in [a for a in conv.attribute if a.name == "pads"]:
+            conv.attribute.remove(a)
+        conv.attribute.append(helper.make_attribute("pads", new))
+        conv.input[0] = pad.input[0]
+        graph.node.remove(pad)
+    onnx.save(model, path)
