@@ -1,4 +1,4 @@
-"""The `lookalike` command line: build, search, add, remove, info, classify, evaluate, models.
+"""The `lookalike` command line: build, search, add, remove, info, classify, evaluate, models, serve, camera.
 
 Human-readable output by default, ``--json`` for machines. Expected failures print
 ``error: <message>`` to stderr and exit 2; anything unexpected exits 1 (traceback with --debug).
@@ -195,6 +195,31 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        from .server.app import ServerSettings, serve
+    except ImportError as exc:
+        raise LookalikeError(f"the service needs its extra ({exc.name} is missing): pip install 'lookalike[serve]'") from None
+
+    settings = ServerSettings(
+        index_dir=args.index_dir, k=args.k, max_upload_bytes=args.max_upload_mb * 1024 * 1024,
+        max_pixels=args.max_pixels, allow_urls=args.allow_urls, device=args.device,
+    )
+    serve(settings, host=args.host, port=args.port, workers=args.workers, quiet=args.quiet)
+    return 0
+
+
+def cmd_camera(args) -> int:
+    from .camera import run_camera
+
+    vs = VisualSearch.open(args.index_dir, device=args.device)
+    source: int | str = int(args.source) if args.source.isdigit() else args.source
+    return run_camera(
+        vs, source=source, every_ms=args.every_ms, k=args.k, headless=args.headless,
+        max_queries=args.max_queries, out=sys.stdout,
+    )
+
+
 def _parse_filter(pairs: list[str] | None) -> dict[str, Any] | None:
     if not pairs:
         return None
@@ -289,6 +314,26 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", parents=[common], help="list the models that can be used")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("serve", parents=[common], help="HTTP API, SageMaker-style /invocations and the web page")
+    p.add_argument("index_dir")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="worker processes (default 1)")
+    p.add_argument("-k", type=_positive_int, default=5, help="hits per query when a request gives no k (default 5)")
+    p.add_argument("--max-upload-mb", type=_positive_int, default=20, help="largest request body, in MiB (default 20)")
+    p.add_argument("--max-pixels", type=_positive_int, default=40_000_000, help="largest image, in pixels (default 40M)")
+    p.add_argument("--allow-urls", action="store_true", help="let requests name image URLs (private addresses stay refused)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("camera", parents=[common], help="live search from a camera or a video file (needs OpenCV)")
+    p.add_argument("index_dir")
+    p.add_argument("--source", default="0", help="camera number, video file or stream URL (default 0)")
+    p.add_argument("--every-ms", type=_positive_int, default=200, help="at most one query per this many ms (default 200)")
+    p.add_argument("-k", type=_positive_int, default=5, help="hits per query (default 5)")
+    p.add_argument("--headless", action="store_true", help="no window: one JSON line per query, then the queries/s")
+    p.add_argument("--max-queries", type=_positive_int, help="stop after this many queries")
+    p.set_defaults(func=cmd_camera)
     return parser
 
 

@@ -11,6 +11,7 @@ results into hits with metadata.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -175,9 +176,13 @@ class VisualSearch:
             self._items.close()
         self._items = ItemTable(self._store, int(manifest["generation"]))
 
+    def stale(self) -> bool:
+        """Whether another process committed a newer generation than the one this object reads."""
+        return self._store.manifest()["generation"] != self.manifest["generation"]
+
     def refresh(self) -> bool:
         """Pick up changes another process committed since this one opened; True if there were."""
-        if self._store.manifest()["generation"] == self.manifest["generation"]:
+        if not self.stale():
             return False
         self._reload()
         return True
@@ -226,18 +231,37 @@ class VisualSearch:
         sources, _ = self._as_list(queries)
         return self._vectors(sources)
 
-    def search(self, queries: Any, k: int = 5, filter: dict[str, Any] | None = None):
+    def search(self, queries: Any, k: int = 5, filter: dict[str, Any] | None = None, min_score: float | None = None):
         """The k most similar items of each query, most similar first.
 
         ``queries``: a path, URL, bytes, PIL image, HxWx3 array or feature vector, or a list
         of them. Returns a SearchResult for one query, a list of them for a list.
         ``filter``: metadata equality (a list value means any of), applied inside the search.
+        ``min_score``: hits scoring below it are dropped, so "nothing like it" is an empty list.
         """
         _check_k(k)
+        if min_score is not None and not (isinstance(min_score, (int, float)) and math.isfinite(min_score)):
+            raise QueryError(f"min_score must be a finite number, got {min_score!r}")
         sources, single = self._as_list(queries)
         vectors = self._vectors(sources)
-        results = [SearchResult(q, hits) for q, hits in zip(self._names(sources), self._search_vectors(vectors, k, filter))]
+        found = self._search_vectors(vectors, k, filter)
+        if min_score is not None:
+            found = [[h for h in hits if h.score >= min_score] for hits in found]
+        results = [SearchResult(q, hits) for q, hits in zip(self._names(sources), found)]
         return results[0] if single else results
+
+    def get(self, id: str) -> Item | None:
+        """The item with this id as stored in the index (image reference and metadata), or None."""
+        int_id = self._items.int_ids([str(id)]).get(str(id))
+        if int_id is None:
+            return None
+        id_, label, image, metadata = self._items.rows([int_id])[int_id]
+        return Item(id=id_, image=image or "", label=label, metadata=metadata)
+
+    @property
+    def generation(self) -> int:
+        """The committed generation this object reads (it grows with every add and remove)."""
+        return int(self.manifest["generation"])
 
     def _search_vectors(self, vectors: np.ndarray, k: int, filter: dict[str, Any] | None) -> list[list[Hit]]:
         subset = None
@@ -262,7 +286,7 @@ class VisualSearch:
         """Majority ``label`` among each query's k neighbours (ties: the larger summed score)."""
         results = self.search(queries, k=k)
         single = isinstance(results, SearchResult)
-        out = [_vote(r, label) for r in ([results] if single else results)]
+        out = [vote(r, label) for r in ([results] if single else results)]
         return out[0] if single else out
 
     def _as_list(self, queries: Any) -> tuple[list[Any], bool]:
@@ -536,7 +560,8 @@ def _is_single(x: Any, dim: int) -> bool:
     return _is_vector(x)
 
 
-def _vote(result: SearchResult, label: str) -> dict[str, Any]:
+def vote(result: SearchResult, label: str = "label") -> dict[str, Any]:
+    """Majority ``label`` among a result's hits, ties broken by the larger summed score; with the votes."""
     votes: dict[Any, int] = {}
     sums: dict[Any, float] = {}
     for h in result.hits:

@@ -3,7 +3,8 @@
     LookalikeError                  anything lookalike expects can go wrong
     ├── ImageError                  an input image cannot be used
     │   ├── ImageNotFoundError      a path that does not exist
-    │   ├── ImageFormatError        not an image, a corrupt one, or a format not allowed
+    │   ├── ImageFormatError        not an image, or a format not allowed
+    │   │   └── ImageCorruptError   an image file that is damaged, truncated or empty
     │   ├── ImageTooLargeError      too many pixels (decompression bomb) or too many bytes
     │   └── ImageFetchError         a URL that cannot or may not be fetched
     ├── CatalogError                a catalog that cannot be read (missing, no image column, dup ids)
@@ -43,6 +44,10 @@ class ImageFormatError(ImageError):
     """Not an image, a corrupt image, or a format not on the allow-list."""
 
 
+class ImageCorruptError(ImageFormatError):
+    """An image of an allowed format whose data is damaged, truncated or empty."""
+
+
 class ImageTooLargeError(ImageError):
     """An image with more pixels or bytes than the limits allow."""
 
@@ -77,6 +82,7 @@ class IndexBusyError(StoreError):
 
 __all__ = [
     "CatalogError",
+    "ImageCorruptError",
     "ImageError",
     "ImageFetchError",
     "ImageFormatError",

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import (
+    ImageCorruptError,
     ImageError,
     ImageFetchError,
     ImageFormatError,
@@ -85,13 +86,15 @@ def load_image(
     *,
     policy: ImagePolicy = DEFAULT_POLICY,
     draft_size: int | None = None,
+    name: str | None = None,
 ) -> Image.Image:
     """Return ``source`` as an RGB PIL image, or raise an ImageError naming it.
 
     ``draft_size``: the smallest short side the caller needs; a JPEG much larger than that is
     decoded at a reduced scale (libjpeg DCT scaling), which is several times faster.
+    ``name``: what error messages call the input (e.g. an upload's file name); default: describe(source).
     """
-    name = describe(source)
+    name = name or describe(source)
     if isinstance(source, Image.Image):
         _check_pixels(source.width, source.height, name, policy)
         return to_rgb(source, name)
@@ -124,7 +127,7 @@ def load_image(
 
 def _check_pixels(width: int, height: int, name: str, policy: ImagePolicy) -> None:
     if width < 1 or height < 1:
-        raise ImageFormatError(f"{name}: empty image ({width}x{height})", subject=name)
+        raise ImageCorruptError(f"{name}: empty image ({width}x{height})", subject=name)
     if width * height > policy.max_pixels:
         raise ImageTooLargeError(
             f"{name}: {width}x{height} is {width * height} pixels, over the {policy.max_pixels}-pixel limit",
@@ -154,7 +157,7 @@ def _decode(fp, name: str, policy: ImagePolicy, draft_size: int | None) -> Image
     except UnidentifiedImageError as exc:
         raise ImageFormatError(f"{name}: not a recognised image", subject=name) from exc
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
-        raise ImageFormatError(f"{name}: corrupt or truncated image ({exc})", subject=name) from exc
+        raise ImageCorruptError(f"{name}: corrupt or truncated image ({exc})", subject=name) from exc
 
 
 def _apply_orientation(img: Image.Image) -> Image.Image:

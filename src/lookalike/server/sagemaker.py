@@ -1,0 +1,160 @@
+"""The SageMaker k-NN inference formats of ``POST /invocations``: parse requests, write responses.
+
+Requests (``Content-Type``), one feature vector per record:
+
+    text/csv                one vector per line, comma-separated numbers
+    application/json        {"instances": [{"features": [...]}, {"data": {"features": {"values": [...]}}}]}
+    application/jsonlines   one {"features": [...]} or {"data": {"features": {"values": [...]}}} per line
+
+Responses (``Accept``; ``verbose=true`` adds the k neighbours' ``labels`` and ``distances``):
+
+    application/json        {"predictions": [{"predicted_label": ..., "ids": [...]}, ...]}
+    application/jsonlines   one prediction object per line
+
+Unlike the service it replaces, the neighbours come most similar first, and every prediction
+also carries the neighbours' string ``ids`` so their metadata can be looked up. Pure functions:
+no web framework and no index here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import QueryError
+
+REQUEST_TYPES = ("text/csv", "application/json", "application/jsonlines")
+RESPONSE_TYPES = ("application/json", "application/jsonlines")
+
+
+class UnsupportedMediaType(QueryError):
+    """A Content-Type (415) or Accept (406) that /invocations does not speak."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class MediaType:
+    """A parsed Content-Type or Accept value: ``application/json; verbose=true``."""
+
+    type: str
+    params: dict[str, str]
+
+    @classmethod
+    def parse(cls, header: str | None, default: str) -> "MediaType":
+        text = (header or "").strip() or default
+        kind, *rest = text.split(";")
+        params = {}
+        for part in rest:
+            key, _, value = part.partition("=")
+            if key.strip():
+                params[key.strip().lower()] = value.strip().strip('"').lower()
+        return cls(kind.strip().lower(), params)
+
+    @property
+    def verbose(self) -> bool:
+        return self.params.get("verbose") in ("true", "1", "yes")
+
+
+def parse_request(body: bytes, content_type: str | None) -> np.ndarray:
+    """The request's feature vectors as float32 [n, d]; QueryError naming the bad record."""
+    media = MediaType.parse(content_type, "application/json")
+    if media.type not in REQUEST_TYPES:
+        raise UnsupportedMediaType(
+            f"Content-Type {media.type!r} is not supported by /invocations; use one of {', '.join(REQUEST_TYPES)}", 415
+        )
+    try:
+        text = body.decode(media.params.get("charset", "utf-8"))
+    except (UnicodeDecodeError, LookupError) as exc:
+        raise QueryError(f"request body is not {media.params.get('charset', 'utf-8')} text ({exc})") from None
+    if media.type == "text/csv":
+        rows = [_csv_row(line, n) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    elif media.type == "application/json":
+        doc = _json(text, "request body")
+        instances = doc.get("instances") if isinstance(doc, dict) else None
+        if not isinstance(instances, list):
+            raise QueryError('a JSON request must be an object with an "instances" list')
+        rows = [_record(r, f"instance {n}") for n, r in enumerate(instances, start=1)]
+    else:
+        rows = [_record(_json(line, f"line {n}"), f"line {n}") for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if not rows:
+        raise QueryError("the request holds no feature vectors")
+    dims = {len(r) for r in rows}
+    if len(dims) > 1:
+        raise QueryError(f"the request's vectors have different lengths ({', '.join(map(str, sorted(dims)))})")
+    return np.asarray(rows, dtype=np.float32)
+
+
+def _csv_row(line: str, n: int) -> list[float]:
+    values = []
+    for cell in line.split(","):
+        try:
+            values.append(float(cell))
+        except ValueError:
+            raise QueryError(f"line {n}: {cell.strip()[:40]!r} is not a number") from None
+    return _finite(values, f"line {n}")
+
+
+def _json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise QueryError(f"{where}: not valid JSON ({exc})") from None
+
+
+def _record(record: Any, where: str) -> list[float]:
+    """The vector of one record: {"features": [...]} or {"data": {"features": {"values": [...]}}}."""
+    values = None
+    if isinstance(record, dict):
+        if "features" in record:
+            values = record["features"]
+        elif isinstance(record.get("data"), dict) and isinstance(record["data"].get("features"), dict):
+            values = record["data"]["features"].get("values")
+    if not isinstance(values, list) or not values:
+        raise QueryError(f'{where}: expected {{"features": [numbers]}} or {{"data": {{"features": {{"values": [numbers]}}}}}}')
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise QueryError(f"{where}: features must all be numbers")
+    return _finite([float(v) for v in values], where)
+
+
+def _finite(values: list[float], where: str) -> list[float]:
+    if not all(math.isfinite(v) for v in values):
+        raise QueryError(f"{where}: features must be finite numbers (no NaN or infinity)")
+    return values
+
+
+def response_type(accept: str | None) -> MediaType:
+    """The response format an Accept header asks for (JSON when it names none we speak)."""
+    for part in (accept or "").split(","):
+        media = MediaType.parse(part, "application/json")
+        if media.type in RESPONSE_TYPES:
+            return media
+        if media.type in ("*/*", "application/*", ""):
+            return MediaType("application/json", media.params)
+    raise UnsupportedMediaType(f"Accept {accept!r} is not supported by /invocations; use one of {', '.join(RESPONSE_TYPES)}", 406)
+
+
+def prediction(label: Any, hits: list[dict[str, Any]], verbose: bool) -> dict[str, Any]:
+    """One prediction: the voted label, the neighbours' ids, and with ``verbose`` their labels and distances."""
+    out: dict[str, Any] = {"predicted_label": label}
+    if verbose:
+        out["labels"] = [h["metadata"].get("label") for h in hits]
+        out["distances"] = [h["distance"] for h in hits]
+    out["ids"] = [h["id"] for h in hits]
+    return out
+
+
+def write_response(predictions: list[dict[str, Any]], media: MediaType) -> tuple[bytes, str]:
+    """The response body and its Content-Type."""
+    if media.type == "application/jsonlines":
+        body = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
+    else:
+        body = json.dumps({"predictions": predictions}, ensure_ascii=False)
+    content_type = media.type + ("; verbose=true" if media.verbose else "")
+    return body.encode(), content_type

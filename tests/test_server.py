@@ -1,0 +1,364 @@
+"""The HTTP service, started for real by `lookalike serve` on the sample catalog and driven over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import subprocess
+import sys
+import threading
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import SAMPLE, Server
+
+CATALOG = list(csv.DictReader(open(SAMPLE / "catalog.csv")))
+QUERIES = list(csv.DictReader(open(SAMPLE / "queries" / "queries.csv")))
+JEANS = SAMPLE / "queries" / "jeans-18193.jpg"
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def vectors(sample_index):
+    """Features of the sample's query photos, computed in process (to send as vectors)."""
+    from lookalike import VisualSearch
+
+    with VisualSearch.open(sample_index) as vs:
+        return vs.featurize([SAMPLE / "queries" / q["image"] for q in QUERIES])
+
+
+@pytest.fixture(scope="module")
+def in_process(sample_index):
+    """What the Python API answers for the query photos: top-1 ids and 5-NN voted labels."""
+    from lookalike import VisualSearch
+
+    with VisualSearch.open(sample_index) as vs:
+        paths = [SAMPLE / "queries" / q["image"] for q in QUERIES]
+        top = [r.hits[0].id for r in vs.search(paths, k=1)]
+        voted = [v["label"] for v in vs.classify(paths, k=5)]
+    return top, voted
+
+
+def upload(client, *paths, **params):
+    files = [("file", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+    return client.post("/search", files=files, params=params)
+
+
+def assert_error(response, status: int, needle: str = ""):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "detail"}, body
+    assert needle.lower() in body["detail"].lower(), body
+
+
+# --- /search ------------------------------------------------------------------------------------
+
+
+def test_catalog_image_finds_itself_first(client):
+    row = CATALOG[17]
+    r = upload(client, SAMPLE / row["image"], k=3)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"results", "took_ms"} and body["took_ms"] > 0
+    (result,) = body["results"]
+    hits = result["hits"]
+    assert [h["rank"] for h in hits] == [1, 2, 3]
+    assert hits[0]["id"] == row["id"] and hits[0]["score"] > 0.999
+    assert set(hits[0]) == {"rank", "id", "score", "distance", "metadata", "image_url"}
+    assert hits[0]["metadata"]["title"] == row["title"] and hits[0]["metadata"]["location"] == row["location"]
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    assert hits[0]["image_url"] == f"/items/{row['id']}/image"
+
+
+def test_query_photos_in_one_request_answer_as_the_python_api_does(client, in_process):
+    paths = [SAMPLE / "queries" / q["image"] for q in QUERIES]
+    r = upload(client, *paths, k=1)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [res["query"] for res in results] == [p.name for p in paths]
+    assert [res["hits"][0]["id"] for res in results] == in_process[0]
+
+
+def test_base64_vector_and_raw_body_queries_agree_with_the_upload(client, vectors):
+    by_upload = upload(client, JEANS, k=5).json()["results"][0]["hits"]
+    ids = [h["id"] for h in by_upload]
+    b64 = client.post("/search", json={"image_base64": base64.b64encode(JEANS.read_bytes()).decode(), "k": 5})
+    raw = client.post("/search", content=JEANS.read_bytes(), headers={"Content-Type": "image/jpeg"}, params={"k": 5})
+    jeans = [q["image"] for q in QUERIES].index(JEANS.name)
+    vec = client.post("/search", json={"vector": vectors[jeans].tolist(), "k": 5})
+    for r in (b64, raw, vec):
+        assert r.status_code == 200, r.text
+        assert [h["id"] for h in r.json()["results"][0]["hits"]] == ids
+        assert r.json()["results"][0]["hits"][0]["score"] == pytest.approx(by_upload[0]["score"], abs=1e-4)
+
+
+def test_min_score_filter_and_k_larger_than_the_catalog(client):
+    none = upload(client, JEANS, min_score=0.99)
+    assert none.status_code == 200 and none.json()["results"][0]["hits"] == []
+    some = upload(client, JEANS, k=50, min_score=0.8).json()["results"][0]["hits"]
+    assert some and all(h["score"] >= 0.8 for h in some)
+    women = upload(client, JEANS, k=20, filter=json.dumps({"gender": "Women"})).json()["results"][0]["hits"]
+    assert len(women) == 20 and all(h["metadata"]["gender"] == "Women" for h in women)
+    form = client.post("/search", files=[("file", ("q.jpg", JEANS.read_bytes(), "image/jpeg"))],
+                       data={"k": "2", "filter": json.dumps({"label": ["Watches", "Jeans"]})})
+    assert [h["metadata"]["label"] for h in form.json()["results"][0]["hits"]] == ["Jeans", "Jeans"]
+    everything = upload(client, JEANS, k=1000).json()["results"][0]["hits"]
+    assert len(everything) == len(CATALOG)
+
+
+# --- /invocations --------------------------------------------------------------------------------
+
+
+def test_invocations_speaks_the_sagemaker_knn_formats(client, vectors, in_process):
+    as_csv = "\n".join(",".join(repr(float(x)) for x in row) for row in vectors)
+    r = client.post("/invocations", content=as_csv, headers={"Content-Type": "text/csv"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    predictions = r.json()["predictions"]
+    assert [p["predicted_label"] for p in predictions] == in_process[1]
+    assert all(set(p) == {"predicted_label", "ids"} and len(p["ids"]) == 5 for p in predictions)
+
+    instances = [{"features": vectors[0].tolist()}, {"data": {"features": {"values": vectors[1].tolist()}}}]
+    r = client.post("/invocations", json={"instances": instances}, params={"k": 3},
+                    headers={"Accept": "application/json; verbose=true"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert list(body) == ["predictions"] and len(body["predictions"]) == 2
+    for p in body["predictions"]:
+        assert set(p) == {"predicted_label", "labels", "distances", "ids"}
+        assert p["predicted_label"] == max(set(p["labels"]), key=p["labels"].count)
+        assert len(p["labels"]) == len(p["distances"]) == len(p["ids"]) == 3
+        assert p["distances"] == sorted(p["distances"])  # most similar first
+        assert all(isinstance(d, float) for d in p["distances"])
+    # the neighbours are the ones /search gives for the same vector
+    same = client.post("/search", json={"vector": vectors[0].tolist(), "k": 3}).json()["results"][0]["hits"]
+    assert body["predictions"][0]["ids"] == [h["id"] for h in same]
+    assert body["predictions"][0]["distances"] == pytest.approx([h["distance"] for h in same], abs=1e-6)
+
+    lines = "".join(json.dumps({"features": v.tolist()}) + "\n" for v in vectors[:2])
+    r = client.post("/invocations", content=lines, headers={"Content-Type": "application/jsonlines", "Accept": "application/jsonlines"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/jsonlines")
+    assert [json.loads(x)["predicted_label"] for x in r.text.splitlines()] == in_process[1][:2]
+
+
+# --- bad requests: 4xx JSON, never a 500, and the service keeps answering --------------------------
+
+
+def _bomb_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(buf, "PNG")  # 100 M pixels in a few kB
+    return buf.getvalue()
+
+
+def test_bad_requests_get_4xx_json_and_the_service_keeps_answering(client, server):
+    jpeg = JEANS.read_bytes()
+    html = b"<!doctype html><html><body><script>alert(1)</script></body></html>"
+    cases = [
+        (upload_bytes(client, jpeg[: len(jpeg) // 3]), 422, "truncated"),
+        (upload_bytes(client, html), 415, "not a recognised image"),
+        (client.post("/search", content=html, headers={"Content-Type": "image/jpeg"}), 415, "not a recognised image"),
+        (upload_bytes(client, _bomb_png()), 422, "pixel"),
+        (upload_bytes(client, b""), 415, ""),
+        (client.post("/search", json={"vector": [0.5] * 7}), 422, "dimension 7"),
+        (client.post("/search", content='{"vector": [' + ", ".join(["NaN"] * 1280) + "]}",
+                     headers={"Content-Type": "application/json"}), 422, "finite"),
+        (client.post("/search", json={"vector": ["a"] * 1280}), 422, "numbers"),
+        (client.post("/search", json={"image_url": "http://127.0.0.1:1/x.jpg"}), 400, "does not fetch"),
+        (client.post("/search", json={"image_url": "/etc/passwd"}), 422, "http"),
+        (client.post("/search", json={"image_base64": "!!!"}), 422, "base64"),
+        (client.post("/search", json={"image_base64": "aGk=", "vector": [1]}), 422, "exactly one"),
+        (client.post("/search", json=[1, 2]), 422, "object"),
+        (client.post("/search", content=b"{", headers={"Content-Type": "application/json"}), 422, "json"),
+        (client.post("/search", content=b"x", headers={"Content-Type": "text/plain"}), 415, ""),
+        (upload(client, JEANS, k=0), 422, ""),
+        (upload(client, JEANS, k="abc"), 422, ""),
+        (upload(client, JEANS, filter="gender=Women"), 422, "json object"),
+        (upload(client, JEANS, min_score="nan"), 422, "finite"),
+        (client.post("/search", files=[("other", ("a.txt", b"hi", "text/plain"))]), 415, ""),
+        (client.post("/search", data={"k": "3"}), 415, "multipart"),
+        (client.post("/search", files=[("k", (None, "3"))]), 422, "no image"),
+        (client.post("/search", content=b"x" * (21 * 1024 * 1024), headers={"Content-Type": "image/jpeg"}), 413, "limit"),
+        (client.post("/invocations", content="1,2,nan", headers={"Content-Type": "text/csv"}), 422, "finite"),
+        (client.post("/invocations", content="1,2,3", headers={"Content-Type": "text/csv"}), 422, "dimension 3"),
+        (client.post("/invocations", content="1,x", headers={"Content-Type": "text/csv"}), 422, "not a number"),
+        (client.post("/invocations", json={"instances": [{"features": []}]}), 422, "features"),
+        (client.post("/invocations", json={"rows": []}), 422, "instances"),
+        (client.post("/invocations", content=b"\x00", headers={"Content-Type": "application/x-recordio-protobuf"}), 415, "text/csv"),
+        (client.post("/invocations", content="1", headers={"Content-Type": "text/csv", "Accept": "text/html"}), 406, "accept"),
+        (client.get("/items/no-such-item"), 404, "no-such-item"),
+        (client.get("/items/..%2F..%2Fetc%2Fpasswd/image"), 404, "etc/passwd"),
+        (client.get("/items/../../etc/passwd"), 404, ""),
+        (client.get(f"/items/{CATALOG[0]['id']}/image", params={"size": 5}), 422, "size"),
+        (client.get("/no/such/route"), 404, ""),
+        (client.put("/search"), 405, ""),
+        (client.post("/items", json={"id": "x", "image_url": "http://10.0.0.1/a.jpg"}), 400, "does not fetch"),
+        (client.delete("/items/never-there"), 404, "never-there"),
+    ]
+    for response, status, needle in cases:
+        assert_error(response, status, needle)
+    assert client.get("/readyz").status_code == 200
+    assert upload(client, JEANS, k=1).json()["results"][0]["hits"][0]["metadata"]["label"] == "Jeans"
+    assert "Traceback" not in server.output()
+
+
+def upload_bytes(client, data: bytes, name: str = "upload.jpg"):
+    return client.post("/search", files=[("file", (name, data, "image/jpeg"))])
+
+
+def test_chunked_body_over_the_limit_is_refused(client):
+    def chunks():
+        for _ in range(22):
+            yield b"\xff" * (1024 * 1024)
+
+    r = client.post("/search", content=chunks(), headers={"Content-Type": "image/jpeg"})
+    assert_error(r, 413, "limit")
+
+
+def test_url_fetching_when_on_still_refuses_private_and_loopback_addresses(sample_index):
+    srv = Server(sample_index, "--allow-urls")
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            for url in (f"{srv.url}/items/{CATALOG[0]['id']}/image", "http://localhost/x.jpg", "http://10.1.2.3/x.jpg",
+                        "http://[::1]/x.jpg", "http://169.254.169.254/latest/meta-data"):
+                assert_error(c.post("/search", json={"image_url": url}), 400, "private or local")
+            assert c.get("/readyz").status_code == 200
+    finally:
+        srv.stop()
+
+
+# --- items ------------------------------------------------------------------------------------------
+
+
+def test_items_and_their_thumbnails(client):
+    row = CATALOG[3]
+    item = client.get(f"/items/{row['id']}").json()
+    assert item == {"id": row["id"], "label": row["label"], "image_url": f"/items/{row['id']}/image",
+                    "metadata": {k: row[k] for k in ("label", "title", "location", "colour", "gender")}}
+    for size, expected in ((None, 256), (64, 64)):
+        r = client.get(item["image_url"], params={} if size is None else {"size": size})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+        img = Image.open(io.BytesIO(r.content))
+        original = Image.open(SAMPLE / row["image"])
+        assert max(img.size) <= expected and max(img.size) == min(expected, max(original.size))
+
+
+def test_add_search_and_delete_an_item_over_http(writable_server):
+    new = SAMPLE / "queries" / "sunglasses-23724.jpg"
+    with httpx.Client(base_url=writable_server.url, timeout=60) as c:
+        before = c.get("/readyz").json()
+        r = c.post("/items", files={"file": ("s.jpg", new.read_bytes(), "image/jpeg")},
+                   data={"id": "new-sunglasses", "label": "Sunglasses", "metadata": json.dumps({"title": "Test shades", "location": "Aisle 9"})})
+        assert r.status_code == 201, r.text
+        assert r.json()["id"] == "new-sunglasses" and r.json()["items"] == before["items"] + 1
+        hits = upload(c, new, k=1).json()["results"][0]["hits"]
+        assert hits[0]["id"] == "new-sunglasses" and hits[0]["score"] > 0.999
+        assert hits[0]["metadata"] == {"title": "Test shades", "location": "Aisle 9", "label": "Sunglasses"}
+        assert c.get("/items/new-sunglasses/image").status_code == 200
+        assert_error(c.post("/items", files={"file": ("s.jpg", new.read_bytes(), "image/jpeg")}, data={"id": "new-sunglasses"}), 409, "already")
+        assert_error(c.post("/items", files={"file": ("p.html", b"<html></html>", "image/jpeg")}, data={"id": "html"}), 415, "not a recognised image")
+        # JSON with base64, id derived from the content
+        r = c.post("/items", json={"image_base64": base64.b64encode(JEANS.read_bytes()).decode(), "label": "Jeans"})
+        assert r.status_code == 201, r.text
+        derived = r.json()["id"]
+        assert len(derived) == 16
+        assert c.get("/readyz").json()["items"] == before["items"] + 2
+        assert c.delete("/items/new-sunglasses").json()["removed"] == "new-sunglasses"
+        assert c.delete(f"/items/{derived}").status_code == 200
+        assert_error(c.get("/items/new-sunglasses"), 404)
+        assert upload(c, new, k=1).json()["results"][0]["hits"][0]["id"] != "new-sunglasses"
+        after = c.get("/readyz").json()
+        assert after["items"] == before["items"] and after["generation"] == before["generation"] + 4
+    from lookalike import VisualSearch
+
+    with VisualSearch.open(writable_server.index_dir) as vs:  # the changes are on disk
+        assert len(vs) == before["items"] and vs.get("new-sunglasses") is None
+
+
+def test_service_follows_changes_made_by_another_process(writable_server):
+    with httpx.Client(base_url=writable_server.url, timeout=60) as c:
+        before = c.get("/readyz").json()
+        gone = CATALOG[0]["id"]
+        cli = subprocess.run([sys.executable, "-m", "lookalike.cli", "remove", str(writable_server.index_dir), gone],
+                             capture_output=True, text=True)
+        assert cli.returncode == 0, cli.stderr
+        import time
+
+        deadline = time.monotonic() + 10
+        while c.get("/readyz").json()["generation"] == before["generation"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        after = c.get("/readyz").json()
+        assert after["generation"] == before["generation"] + 1 and after["items"] == before["items"] - 1
+        assert_error(c.get(f"/items/{gone}"), 404)
+        hits = upload(c, SAMPLE / CATALOG[0]["image"], k=3).json()["results"][0]["hits"]
+        assert gone not in [h["id"] for h in hits]
+
+
+def test_searches_while_items_are_added_and_removed_never_fail(writable_server):
+    errors: list[str] = []
+    done = threading.Event()
+    paths = [SAMPLE / row["image"] for row in CATALOG[:8]]
+
+    def searcher(i: int):
+        with httpx.Client(base_url=writable_server.url, timeout=60) as c:
+            n = 0
+            while not done.is_set() or n < 3:
+                r = upload(c, paths[i % len(paths)], k=3)
+                n += 1
+                if r.status_code != 200 or len(r.json()["results"][0]["hits"]) != 3:
+                    errors.append(f"{r.status_code} {r.text[:200]}")
+
+    threads = [threading.Thread(target=searcher, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        with httpx.Client(base_url=writable_server.url, timeout=60) as c:
+            for i in range(4):
+                r = c.post("/items", files={"file": ("x.jpg", paths[i].read_bytes(), "image/jpeg")}, data={"id": f"copy-{i}"})
+                assert r.status_code == 201, r.text
+            for i in range(4):
+                assert c.delete(f"/items/copy-{i}").status_code == 200
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+
+
+# --- health, metrics, docs, page ----------------------------------------------------------------------
+
+
+def test_health_metrics_and_docs(client):
+    assert client.get("/livez").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["ready"] is True and ready["items"] == len(CATALOG) and ready["model"] == "efficientnet-lite0"
+    upload(client, JEANS)
+    client.get("/items/no-such")
+    text = client.get("/metrics").text
+    assert 'lookalike_requests_total{method="POST",route="/search",status="200"}' in text
+    assert 'lookalike_requests_total{method="GET",route="/items/{item_id:path}",status="404"}' in text
+    assert 'lookalike_request_duration_seconds_bucket{method="POST",route="/search",le="+Inf"}' in text
+    assert f"lookalike_index_items {len(CATALOG)}" in text
+    spec = client.get("/openapi.json").json()
+    assert {"/search", "/invocations", "/items", "/items/{item_id}", "/readyz", "/metrics"} <= set(spec["paths"]) | {
+        p.replace(":path", "") for p in spec["paths"]}
+    assert client.get("/docs").status_code == 200
+
+
+def test_several_workers_serve_the_same_index(sample_index):
+    srv = Server(sample_index, "--workers", "2")
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            ids = {upload(c, JEANS, k=1).json()["results"][0]["hits"][0]["id"] for _ in range(6)}
+            assert len(ids) == 1
+    finally:
+        srv.stop()
