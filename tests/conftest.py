@@ -103,10 +103,13 @@ def server(sample_index):
     srv.stop()
 
 
+API_KEY = "test-key-0123456789abcdef"
+
+
 @pytest.fixture
 def writable_server(sample_copy):
-    """`lookalike serve` on a private copy of the sample index, for tests that add or remove."""
-    srv = Server(sample_copy)
+    """`lookalike serve` on a private copy of the sample index, with write routes on (``API_KEY``)."""
+    srv = Server(sample_copy, env={"LOOKALIKE_API_KEY": API_KEY})
     yield srv
     srv.stop()
 

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SAMPLE, Server
+from conftest import API_KEY, SAMPLE, Server
 
 CATALOG = list(csv.DictReader(open(SAMPLE / "catalog.csv")))
 QUERIES = list(csv.DictReader(open(SAMPLE / "queries" / "queries.csv")))
 JEANS = SAMPLE / "queries" / "jeans-18193.jpg"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -201,8 +202,8 @@ def test_bad_requests_get_4xx_json_and_the_service_keeps_answering(client, serve
         (client.get(f"/items/{CATALOG[0]['id']}/image", params={"size": 5}), 422, "size"),
         (client.get("/no/such/route"), 404, ""),
         (client.put("/search"), 405, ""),
-        (client.post("/items", json={"id": "x", "image_url": "http://10.0.0.1/a.jpg"}), 400, "does not fetch"),
-        (client.delete("/items/never-there"), 404, "never-there"),
+        (client.post("/items", json={"id": "x", "image_url": "http://10.0.0.1/a.jpg"}), 403, "api key"),
+        (client.delete(f"/items/{CATALOG[0]['id']}"), 403, "api key"),
     ]
     for response, status, needle in cases:
         assert_error(response, status, needle)
@@ -254,7 +255,7 @@ def test_items_and_their_thumbnails(client):
 
 def test_add_search_and_delete_an_item_over_http(writable_server):
     new = SAMPLE / "queries" / "sunglasses-23724.jpg"
-    with httpx.Client(base_url=writable_server.url, timeout=60) as c:
+    with httpx.Client(base_url=writable_server.url, timeout=60, headers=AUTH) as c:
         before = c.get("/readyz").json()
         r = c.post("/items", files={"file": ("s.jpg", new.read_bytes(), "image/jpeg")},
                    data={"id": "new-sunglasses", "label": "Sunglasses", "metadata": json.dumps({"title": "Test shades", "location": "Aisle 9"})})
@@ -284,8 +285,25 @@ def test_add_search_and_delete_an_item_over_http(writable_server):
         assert len(vs) == before["items"] and vs.get("new-sunglasses") is None
 
 
-def test_service_follows_changes_made_by_another_process(writable_server):
+def test_write_routes_need_the_api_key(writable_server):
+    new = SAMPLE / "queries" / "sunglasses-23724.jpg"
     with httpx.Client(base_url=writable_server.url, timeout=60) as c:
+        before = c.get("/readyz").json()
+        for headers in ({}, {"Authorization": "Bearer wrong-key-0123456789abc"}, {"Authorization": API_KEY},
+                        {"Authorization": f"Basic {API_KEY}"}, {"Authorization": f"Bearer {API_KEY}x"}):
+            r = c.post("/items", files={"file": ("s.jpg", new.read_bytes(), "image/jpeg")}, data={"id": "x"}, headers=headers)
+            assert_error(r, 401, "authorization: bearer")
+            assert_error(c.delete(f"/items/{CATALOG[0]['id']}", headers=headers), 401)
+            assert API_KEY not in r.text
+        assert c.get("/readyz").json() == before
+        assert "lookalike_unauthorized_total 10" in c.get("/metrics").text
+        assert_error(c.post("/items", json={"id": "x", "image_url": "http://10.0.0.1/a.jpg"}, headers=AUTH), 400, "does not fetch")
+        assert_error(c.delete("/items/never-there", headers=AUTH), 404, "never-there")
+    assert API_KEY not in writable_server.output()
+
+
+def test_service_follows_changes_made_by_another_process(writable_server):
+    with httpx.Client(base_url=writable_server.url, timeout=60, headers=AUTH) as c:
         before = c.get("/readyz").json()
         gone = CATALOG[0]["id"]
         cli = subprocess.run([sys.executable, "-m", "lookalike.cli", "remove", str(writable_server.index_dir), gone],
@@ -309,7 +327,7 @@ def test_searches_while_items_are_added_and_removed_never_fail(writable_server):
     paths = [SAMPLE / row["image"] for row in CATALOG[:8]]
 
     def searcher(i: int):
-        with httpx.Client(base_url=writable_server.url, timeout=60) as c:
+        with httpx.Client(base_url=writable_server.url, timeout=60, headers=AUTH) as c:
             n = 0
             while not done.is_set() or n < 3:
                 r = upload(c, paths[i % len(paths)], k=3)
@@ -321,7 +339,7 @@ def test_searches_while_items_are_added_and_removed_never_fail(writable_server):
     for t in threads:
         t.start()
     try:
-        with httpx.Client(base_url=writable_server.url, timeout=60) as c:
+        with httpx.Client(base_url=writable_server.url, timeout=60, headers=AUTH) as c:
             for i in range(4):
                 r = c.post("/items", files={"file": ("x.jpg", paths[i].read_bytes(), "image/jpeg")}, data={"id": f"copy-{i}"})
                 assert r.status_code == 201, r.text

@@ -203,10 +203,26 @@ def cmd_serve(args) -> int:
 
     settings = ServerSettings(
         index_dir=args.index_dir, k=args.k, max_upload_bytes=args.max_upload_mb * 1024 * 1024,
-        max_pixels=args.max_pixels, allow_urls=args.allow_urls, device=args.device,
+        max_pixels=args.max_pixels, allow_urls=args.allow_urls, device=args.device, api_key=_api_key(args),
     )
     serve(settings, host=args.host, port=args.port, workers=args.workers, quiet=args.quiet)
     return 0
+
+
+def _api_key(args) -> str | None:
+    """The write routes' key: from --api-key-file, else $LOOKALIKE_API_KEY, else none (writes off)."""
+    if args.api_key_file:
+        try:
+            key = open(args.api_key_file, encoding="utf-8").read().strip()
+        except OSError as exc:
+            raise LookalikeError(f"{args.api_key_file}: cannot read the API key file ({exc.strerror or exc})") from None
+        if len(key) < 16:
+            raise LookalikeError(f"{args.api_key_file}: the API key must be at least 16 characters")
+        return key
+    key = os.environ.get("LOOKALIKE_API_KEY", "").strip()
+    if key and len(key) < 16:
+        raise LookalikeError("LOOKALIKE_API_KEY must be at least 16 characters")
+    return key or None
 
 
 def cmd_camera(args) -> int:
@@ -324,6 +340,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=_positive_int, default=20, help="largest request body, in MiB (default 20)")
     p.add_argument("--max-pixels", type=_positive_int, default=40_000_000, help="largest image, in pixels (default 40M)")
     p.add_argument("--allow-urls", action="store_true", help="let requests name image URLs (private addresses stay refused)")
+    p.add_argument("--api-key-file", metavar="PATH", help="file holding the key that POST/DELETE /items need "
+                   "(else $LOOKALIKE_API_KEY; with neither, those routes are off)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("camera", parents=[common], help="live search from a camera or a video file (needs OpenCV)")

@@ -13,6 +13,7 @@ import base64
 import binascii
 import dataclasses
 import hashlib
+import hmac
 import io
 import json
 import logging
@@ -82,6 +83,10 @@ class ServerSettings:
     device: str = "cpu"
     refresh_seconds: float = 1.0  # how often to look for a generation committed by another process
     thumbnail_cache: int = 512
+    api_key: str | None = None  # required as "Authorization: Bearer <key>" by the routes that change the index
+
+    def __repr__(self) -> str:  # never show the key
+        return f"ServerSettings(index_dir={self.index_dir!r}, api_key={'set' if self.api_key else None})"
 
     def policy(self) -> ImagePolicy:
         return ImagePolicy(
@@ -378,6 +383,16 @@ def create_app(settings: ServerSettings):
 
     app.add_middleware(_Guard, max_body=settings.max_upload_bytes, metrics=metrics)
 
+    def require_key(request: Request) -> None:
+        """Write routes: the API key must be given; with none configured they are off."""
+        if not settings.api_key:
+            raise HTTPError(403, "writes disabled", "this service was started without an API key, so the routes that "
+                            "change the index are off; start it with --api-key-file PATH or LOOKALIKE_API_KEY set")
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.api_key.encode()):
+            metrics.count("unauthorized")
+            raise HTTPError(401, "unauthorized", "this route changes the index: send the API key as 'Authorization: Bearer <key>'")
+
     # --- search ---------------------------------------------------------------------------
 
     async def read_queries(request: Request) -> tuple[list[Query], dict[str, Any]]:
@@ -529,7 +544,8 @@ def create_app(settings: ServerSettings):
         }}},
     )
     async def add_item(request: Request):
-        """Featurize one image and add it to the index (committed to disk before the answer)."""
+        """Featurize one image and add it to the index (committed to disk before the answer). Needs the API key."""
+        require_key(request)
         fields, data, url = await read_item(request)
         return await run_in_threadpool(add_one, fields, data, url)
 
@@ -620,7 +636,9 @@ def create_app(settings: ServerSettings):
             return {**_item_dict(vs.get(item_id)), "generation": vs.generation, "items": len(vs)}
 
     @app.delete("/items/{item_id:path}", summary="Remove an item")
-    async def delete_item(item_id: str):
+    async def delete_item(item_id: str, request: Request):
+        """Remove an item from the index. Needs the API key."""
+        require_key(request)
         def run():
             with shared.writing() as vs:
                 if vs.get(item_id) is None:
@@ -764,6 +782,8 @@ def serve(settings: ServerSettings, *, host: str = "127.0.0.1", port: int = 8000
     import uvicorn
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s: %(message)s")
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
+    print(f"lookalike: changes over HTTP (POST/DELETE /items) are "
+          f"{'on, with the API key' if settings.api_key else 'off: no API key given (--api-key-file)'}", flush=True)
     level = "warning" if quiet else "info"
     if workers == 1:
         app = create_app(settings)  # opens the index now: a bad one fails before the port is taken
