@@ -677,7 +677,7 @@ def create_app(settings: ServerSettings):
         text = metrics.render(await run_in_threadpool(gauges))
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page():
         if not (STATIC / "index.html").is_file():
             raise HTTPError(404, "not found", "the web page is not installed with this copy of lookalike")
