@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import COIL, DATA, FASHION, SAMPLE, tree_digest, write_csv
+from lookalike.store import IndexDir
 from lookalike import (
     CatalogError,
     Hit,
@@ -200,6 +201,10 @@ def test_open_rejects_damaged_or_foreign_directories(sample_copy, tmp_path):
         VisualSearch.open(other)
 
     (other / "lookalike.json").write_text(json.dumps(dict(manifest, count=299)))
+    with pytest.raises(StoreError, match="lookalike.json: manifest was edited or damaged"):
+        VisualSearch.open(other)
+    unsealed = {k: v for k, v in manifest.items() if k != "checksum"}  # as an index without a checksum
+    (other / "lookalike.json").write_text(json.dumps(dict(unsealed, count=299)))
     with pytest.raises(StoreError, match="299"):
         VisualSearch.open(other)
 
@@ -219,16 +224,21 @@ def test_open_rejects_damaged_or_foreign_directories(sample_copy, tmp_path):
         VisualSearch.open(half)
 
 
-def test_the_faiss_file_is_a_cache(sample_copy):
-    next(sample_copy.glob("index-*.faiss")).unlink()
-    vs = VisualSearch.open(sample_copy)
-    assert vs.index_rebuilt and vs.search(QUERY, k=1).hits[0].metadata["label"] == "Jeans"
+def test_a_missing_faiss_file_is_named_and_doctor_rebuilds_it(sample_copy):
+    expected = [h.id for h in VisualSearch.open(sample_copy).search(QUERY, k=5).hits]
+    faiss_file = next(sample_copy.glob("index-*.faiss"))
+    faiss_file.unlink()
+    with pytest.raises(StoreError, match=f"{faiss_file.name}: FAISS file is missing.*lookalike doctor"):
+        VisualSearch.open(sample_copy)
+    report = VisualSearch.doctor(sample_copy)
+    assert report["ok"] and report["repaired"] and report["problems"] == []
+    assert [h.id for h in VisualSearch.open(sample_copy).search(QUERY, k=5).hits] == expected
 
 
 def test_queries_use_the_model_and_weights_recorded_in_the_manifest(sample_copy):
     manifest = json.loads((sample_copy / "lookalike.json").read_text())
-    manifest["model"]["weights"]["sha256"] = "0" * 64
-    (sample_copy / "lookalike.json").write_text(json.dumps(manifest))
+    manifest["model"]["weights"]["sha256"] = "0" * 64  # as if built with other weights (sealed properly)
+    IndexDir(sample_copy).write_manifest(manifest)
     vs = VisualSearch.open(sample_copy)
     vs.search(np.ones(1280, np.float32), k=1)  # vectors need no model
     with pytest.raises(ModelError, match="weights"):

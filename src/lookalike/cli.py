@@ -1,4 +1,4 @@
-"""The `lookalike` command line: build, search, add, remove, info, classify, evaluate, models, serve, camera.
+"""The `lookalike` command line: build, search, add, remove, info, doctor, classify, evaluate, models, serve, camera.
 
 Human-readable output by default, ``--json`` for machines. Expected failures print
 ``error: <message>`` to stderr and exit 2; anything unexpected exits 1 (traceback with --debug).
@@ -167,6 +167,23 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    report = VisualSearch.doctor(args.index_dir, repair=not args.check_only)
+    if args.json:
+        _print_json(report)
+    else:
+        for line in report["repaired"]:
+            print(f"repaired: {line}")
+        for p in report["problems"]:
+            hint = " (doctor can rebuild it: run without --check-only)" if p["fixable"] and args.check_only else ""
+            print(f"problem: {p['file']}: {p['problem']}{hint}")
+        if report["ok"]:
+            print(f"{args.index_dir}: every file checks out" + (" after the repair" if report["repaired"] else ""))
+        else:
+            print(f"{args.index_dir}: damaged beyond what doctor repairs; rebuild it with `lookalike build`", file=sys.stderr)
+    return 0 if report["ok"] else 2
+
+
 def cmd_evaluate(args) -> int:
     vs = VisualSearch.open(args.index_dir, device=args.device)
     try:
@@ -320,6 +337,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("index_dir")
     p.add_argument("--verify", action="store_true", help="also check every file against its sha256")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("doctor", parents=[common], help="check every file of an index; rebuild a damaged FAISS file")
+    p.add_argument("index_dir")
+    p.add_argument("--check-only", action="store_true", help="report problems without repairing anything")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("evaluate", parents=[common], help="recall@k, precision@1 and mAP of a query catalog")
     p.add_argument("index_dir")

@@ -163,6 +163,28 @@ class VisualSearch:
         vs.build_report = report
         return vs
 
+    @classmethod
+    def doctor(cls, path: str | os.PathLike, *, repair: bool = True) -> dict[str, Any]:
+        """Check an index directory file by file; rebuild its FAISS file from the stored vectors
+        when that is all that is wrong. Returns {"path", "ok", "problems", "repaired"}."""
+        store = IndexDir(path)
+        problems = store.diagnose()
+        if not problems:  # every file matches its hash: FAISS must also read back
+            manifest, vectors, ids, faiss_path = store.load()
+            ispec = IndexSpec(**dict(manifest["index"], metric=manifest["metric"]))
+            if not VectorIndex.load(ispec, int(manifest["model"]["dim"]), vectors, ids, str(faiss_path))[1]:
+                problems.append({"file": faiss_path.name, "problem": "FAISS cannot read it", "fixable": True})
+        repaired = []
+        if problems and repair and all(p["fixable"] for p in problems):
+            with store.lock():
+                manifest, vectors, ids, _ = store.load(check_faiss=False)
+                ispec = IndexSpec(**dict(manifest["index"], metric=manifest["metric"]))
+                vindex = VectorIndex(ispec, int(manifest["model"]["dim"]), vectors, ids)
+                store.replace_faiss(manifest, vindex.write_faiss)
+            repaired = [f"rebuilt index-{manifest['generation']}.faiss from the {len(ids)} stored vectors"]
+            problems = store.diagnose()
+        return {"path": str(path), "ok": not problems, "problems": problems, "repaired": repaired}
+
     def _reload(self) -> None:
         """(Re)read the current generation from disk."""
         manifest, vectors, ids, faiss_path = self._store.load()
@@ -170,8 +192,13 @@ class VisualSearch:
         self.spec: ModelSpec = spec_from_manifest(manifest["model"])
         self.metric: str = manifest["metric"]
         ispec = IndexSpec(**dict(manifest["index"], metric=self.metric))
-        self._index, from_file = VectorIndex.load(ispec, int(manifest["model"]["dim"]), vectors, ids, str(faiss_path) if faiss_path else None)
-        self.index_rebuilt = not from_file
+        self._index, from_file = VectorIndex.load(ispec, int(manifest["model"]["dim"]), vectors, ids, str(faiss_path))
+        if not from_file:
+            raise StoreError(
+                f"{faiss_path}: FAISS cannot read it or it does not match the vectors; "
+                f"`lookalike doctor {self.path}` rebuilds it from the stored vectors",
+                subject=str(faiss_path),
+            )
         if self._items is not None:
             self._items.close()
         self._items = ItemTable(self._store, int(manifest["generation"]))

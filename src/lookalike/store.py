@@ -5,19 +5,25 @@
       items.sqlite       items(int_id, id, label, image, metadata JSON, added_gen, removed_gen); WAL
       vectors-<gen>.npy  float32 [count, dim] as indexed; row i <-> ids-<gen>.npy[i]
       ids-<gen>.npy      int64 int ids
-      index-<gen>.faiss  the FAISS index (a cache: rebuilt from the vectors if missing)
+      index-<gen>.faiss  the FAISS index (derived from the vectors: `lookalike doctor` rebuilds it)
 
 A change writes the next generation's files (fsynced), commits the SQLite rows tagged with
 that generation, then atomically replaces the manifest. SQLite rows carry the generation that
 added them and the one that removed them, so a reader of generation G sees exactly G's items
 even while a writer prepares G+1, and a writer that crashed before the manifest rename is undone
 by the next writer (rows of generations past the manifest's are dropped or restored).
+
+The manifest carries a checksum of its own contents, so an edited or damaged manifest is
+detected on open; every file's size is checked on open and its sha256 by ``verify``/``diagnose``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -85,6 +91,55 @@ def _write_atomic(path: Path, write) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": _sha256(path)}
 
 
+def _checksum(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's contents without its own checksum field."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _remove_abandoned(target: Path) -> None:
+    """Delete staging folders of builds of ``target`` whose process is gone (killed mid-build)."""
+    for p in target.parent.glob(f".{glob.escape(target.name)}.building-*"):
+        pid = p.name[len(f".{target.name}.building-"):].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _disk_error(path: Path, exc: BaseException, what: str) -> StoreError:
+    reason = getattr(exc, "strerror", None) or str(exc)
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(path).free
+        if free < 64 * 1024 * 1024 and "No space" not in reason:
+            reason += f"; the disk is full: {free} bytes free"
+    return StoreError(f"{path}: cannot {what} ({reason}); the index is unchanged", subject=str(path))
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -129,17 +184,24 @@ class IndexDir:
         for key in ("model", "metric", "index", "count", "generation", "files"):
             if key not in manifest:
                 raise StoreError(f"{mpath}: manifest has no {key!r}; rebuild with `lookalike build`", subject=str(p))
+        if "checksum" in manifest and manifest["checksum"] != _checksum(manifest):
+            raise StoreError(
+                f"{mpath}: manifest was edited or damaged (its checksum does not match its contents); "
+                "restore it or rebuild with `lookalike build`",
+                subject=str(p),
+            )
         return manifest
 
-    def load(self) -> tuple[dict[str, Any], np.ndarray, np.ndarray, Path | None]:
-        """(manifest, vectors, ids, faiss path or None) of the current generation, checked.
+    def load(self, check_faiss: bool = True) -> tuple[dict[str, Any], np.ndarray, np.ndarray, Path]:
+        """(manifest, vectors, ids, faiss path) of the current generation, checked.
 
         Retries when a writer replaces the generation between reading the manifest and its files.
+        ``check_faiss=False`` skips the FAISS file's checks (for ``doctor``, which rebuilds it).
         """
         for attempt in range(5):
             manifest = self.manifest()
             try:
-                return self._load_generation(manifest)
+                return self._load_generation(manifest, check_faiss)
             except FileNotFoundError:
                 if self.manifest()["generation"] == manifest["generation"] or attempt == 4:
                     missing = [n for n in manifest["files"] if not (self.path / n).exists()]
@@ -150,7 +212,7 @@ class IndexDir:
                     ) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _load_generation(self, manifest):
+    def _load_generation(self, manifest, check_faiss: bool = True):
         gen = manifest["generation"]
         files = manifest["files"]
         dim = int(manifest["model"]["dim"])
@@ -192,7 +254,14 @@ class IndexDir:
                 subject=str(self.path),
             )
         faiss_path = self.path / names["faiss"]
-        return manifest, np.ascontiguousarray(vectors), ids, faiss_path if faiss_path.exists() else None
+        expected = files.get(names["faiss"], {}).get("size")
+        if check_faiss and (not faiss_path.exists() or expected is not None and faiss_path.stat().st_size != expected):
+            what = "is missing" if not faiss_path.exists() else f"has size {faiss_path.stat().st_size}, the manifest says {expected}"
+            raise StoreError(
+                f"{faiss_path}: FAISS file {what}; `lookalike doctor {self.path}` rebuilds it from the stored vectors",
+                subject=str(faiss_path),
+            )
+        return manifest, np.ascontiguousarray(vectors), ids, faiss_path
 
     # --- SQLite --------------------------------------------------------------------------
 
@@ -210,7 +279,13 @@ class IndexDir:
 
     def count_items(self, gen: int) -> int:
         with contextlib.closing(self.connect()) as conn:
-            return conn.execute(f"SELECT COUNT(*) FROM items WHERE {_VISIBLE}", {"gen": gen}).fetchone()[0]
+            try:
+                return conn.execute(f"SELECT COUNT(*) FROM items WHERE {_VISIBLE}", {"gen": gen}).fetchone()[0]
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(
+                    f"{self.path / ITEMS_DB}: items database is damaged ({exc}); rebuild with `lookalike build`",
+                    subject=str(self.path / ITEMS_DB),
+                ) from exc
 
     # --- writing -------------------------------------------------------------------------
 
@@ -256,8 +331,12 @@ class IndexDir:
                 what = "an index" if is_index else "a folder that is not empty"
                 hint = "; pass --force to replace it" if is_index else ""
                 raise StoreError(f"{target}: already exists and is {what}{hint}", subject=str(target))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _remove_abandoned(target)
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-{os.getpid()}-", dir=target.parent))
+        except OSError as exc:
+            raise StoreError(f"{target.parent}: cannot create the index there ({exc.strerror or exc})", subject=str(target)) from exc
         try:
             new = IndexDir(staging)
             conn = sqlite3.connect(staging / ITEMS_DB)
@@ -269,13 +348,17 @@ class IndexDir:
             new._commit(manifest, vectors, ids, write_faiss, added=items, removed=[])
             _fsync_dir(staging)
             if target.exists():
-                old = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.rename(target, old)
-                os.rename(staging, target)
-                shutil.rmtree(old, ignore_errors=True)
+                # One atomic swap where the file system has it, so a crash leaves the old or the new index.
+                if not _exchange(staging, target):
+                    old = target.with_name(f".{target.name}.building-{os.getpid()}-old")
+                    os.rename(target, old)
+                    os.rename(staging, target)
+                    staging = old
             else:
                 os.rename(staging, target)
             _fsync_dir(target.parent)
+        except (OSError, sqlite3.OperationalError, RuntimeError) as exc:
+            raise StoreError(f"{target}: cannot write the index ({getattr(exc, 'strerror', None) or exc})", subject=str(target)) from exc
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
@@ -296,8 +379,20 @@ class IndexDir:
         return self._commit(manifest, vectors, ids, write_faiss, added=added, removed=list(removed))
 
     def _commit(self, manifest, vectors, ids, write_faiss, *, added, removed) -> dict[str, Any]:
-        old_gen = int(manifest["generation"])
-        gen = old_gen + 1
+        gen = int(manifest["generation"]) + 1
+        try:
+            new_manifest = self._write_generation(manifest, gen, vectors, ids, write_faiss, added, removed)
+        except (OSError, sqlite3.OperationalError, RuntimeError) as exc:  # disk full, I/O error, read-only
+            self._discard(gen)
+            raise _disk_error(self.path, exc, f"write generation {gen}") from exc
+        # Committed: what follows only tidies up, and may fail without harm.
+        with contextlib.suppress(OSError):
+            _fsync_dir(self.path)
+        with contextlib.suppress(OSError, sqlite3.Error):
+            self._cleanup(gen)
+        return new_manifest
+
+    def _write_generation(self, manifest, gen, vectors, ids, write_faiss, added, removed) -> dict[str, Any]:
         files = {
             f"vectors-{gen}.npy": _write_atomic(self.path / f"vectors-{gen}.npy", lambda f: np.save(f, vectors)),
             f"ids-{gen}.npy": _write_atomic(self.path / f"ids-{gen}.npy", lambda f: np.save(f, ids)),
@@ -330,13 +425,34 @@ class IndexDir:
             conn.close()
 
         new_manifest = dict(manifest, generation=gen, count=int(len(ids)), files=files, updated_at=now())
-        _write_atomic(
-            self.path / MANIFEST,
-            lambda f: f.write(json.dumps(new_manifest, indent=2, sort_keys=False).encode("utf-8") + b"\n"),
-        )
-        _fsync_dir(self.path)
-        self._cleanup(gen)
+        self.write_manifest(new_manifest)
         return new_manifest
+
+    def write_manifest(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Seal the manifest with its checksum and replace ``lookalike.json`` atomically (the commit point)."""
+        manifest = dict(manifest, checksum=None)
+        manifest["checksum"] = _checksum(manifest)
+        data = json.dumps(manifest, indent=2, sort_keys=False).encode("utf-8") + b"\n"
+        fd, tmp = tempfile.mkstemp(prefix="." + MANIFEST + ".", suffix=".tmp", dir=self.path)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path / MANIFEST)  # nothing that can fail comes after this
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return manifest
+
+    def _discard(self, gen: int) -> None:
+        """Delete the files of generation ``gen`` that a failed change left (its SQLite rows are undone by ``repair``)."""
+        for name in (f"vectors-{gen}.npy", f"ids-{gen}.npy", f"index-{gen}.faiss", f".index-{gen}.faiss.tmp"):
+            with contextlib.suppress(OSError):
+                (self.path / name).unlink()
+        with contextlib.suppress(OSError, sqlite3.Error):
+            self.repair(gen - 1)
 
     def repair(self, gen: int) -> None:
         """Undo SQLite rows of a change that crashed before its manifest was committed."""
@@ -363,6 +479,61 @@ class IndexDir:
                 conn.execute("DELETE FROM items WHERE removed_gen IS NOT NULL AND removed_gen < ?", (gen,))
         finally:
             conn.close()
+
+    def diagnose(self) -> list[dict[str, Any]]:
+        """Every problem found by a full check: [{"file", "problem", "fixable"}] (empty if none).
+
+        ``fixable`` marks the problems ``doctor`` can repair: only the FAISS file's, which is
+        derived from the stored vectors. Reads every file in full.
+        """
+        try:
+            manifest = self.manifest()
+        except StoreError as exc:
+            return [{"file": MANIFEST, "problem": str(exc), "fixable": False}]
+        problems = []
+        gen = manifest["generation"]
+        for name, info in manifest["files"].items():
+            path = self.path / name
+            fixable = name == f"index-{gen}.faiss"
+            if not path.exists():
+                problems.append({"file": name, "problem": "missing", "fixable": fixable})
+            elif path.stat().st_size != info.get("size"):
+                problems.append({"file": name, "problem": f"size {path.stat().st_size}, the manifest says {info.get('size')}", "fixable": fixable})
+            elif _sha256(path) != info.get("sha256"):
+                problems.append({"file": name, "problem": "contents differ from the manifest's sha256", "fixable": fixable})
+        db = self.path / ITEMS_DB
+        try:
+            with contextlib.closing(self.connect()) as conn:
+                result = [r[0] for r in conn.execute("PRAGMA integrity_check").fetchall()]
+            if result != ["ok"]:
+                problems.append({"file": ITEMS_DB, "problem": "; ".join(result[:3]), "fixable": False})
+            elif self.count_items(gen) != manifest["count"]:
+                problems.append({"file": ITEMS_DB, "problem": f"holds {self.count_items(gen)} items, the manifest says {manifest['count']}", "fixable": False})
+        except (StoreError, sqlite3.DatabaseError) as exc:
+            problems.append({"file": ITEMS_DB, "problem": str(exc).replace(f"{db}: ", ""), "fixable": False})
+        if not any(p["file"].startswith(("vectors-", "ids-")) for p in problems):
+            try:
+                self.load(check_faiss=False)
+            except StoreError as exc:
+                problems.append({"file": f"vectors-{gen}.npy", "problem": str(exc), "fixable": False})
+        return problems
+
+    def replace_faiss(self, manifest: dict[str, Any], write_faiss) -> dict[str, Any]:
+        """Rewrite the current generation's FAISS file (call under ``lock()``); the manifest records it."""
+        gen = manifest["generation"]
+        path = self.path / f"index-{gen}.faiss"
+        tmp = self.path / f".index-{gen}.faiss.tmp"
+        try:
+            write_faiss(str(tmp))
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            files = dict(manifest["files"], **{path.name: {"size": path.stat().st_size, "sha256": _sha256(path)}})
+            return self.write_manifest(dict(manifest, files=files))
+        except (OSError, RuntimeError) as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise _disk_error(path, exc, "write the rebuilt FAISS file") from exc
 
     def verify(self) -> list[str]:
         """Problems found by checking every file's sha256 against the manifest (empty if none)."""
