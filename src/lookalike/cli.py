@@ -218,9 +218,14 @@ def cmd_serve(args) -> int:
     except ImportError as exc:
         raise LookalikeError(f"the service needs its extra ({exc.name} is missing): pip install 'lookalike[serve]'") from None
 
+    api_key = _api_key(args)
+    if args.protect_reads and not api_key:
+        raise LookalikeError("--protect-reads needs an API key: give --api-key-file PATH or set LOOKALIKE_API_KEY")
     settings = ServerSettings(
         index_dir=args.index_dir, k=args.k, max_upload_bytes=args.max_upload_mb * 1024 * 1024,
-        max_pixels=args.max_pixels, allow_urls=args.allow_urls, device=args.device, api_key=_api_key(args),
+        max_pixels=args.max_pixels, allow_urls=args.allow_urls, device=args.device, api_key=api_key,
+        protect_reads=args.protect_reads, cors_origins=tuple(args.cors_origin or ()), max_queue=args.max_queue,
+        upload_memory_bytes=(args.upload_memory_mb or 0) * 1024 * 1024,
     )
     serve(settings, host=args.host, port=args.port, workers=args.workers, quiet=args.quiet)
     return 0
@@ -364,6 +369,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-urls", action="store_true", help="let requests name image URLs (private addresses stay refused)")
     p.add_argument("--api-key-file", metavar="PATH", help="file holding the key that POST/DELETE /items need "
                    "(else $LOOKALIKE_API_KEY; with neither, those routes are off)")
+    p.add_argument("--protect-reads", action="store_true", help="the read routes (/search, /invocations, GET /items, "
+                   "/metrics) need the key too; /livez, /readyz, the page and /static stay open, but the page's own "
+                   "searches and thumbnails then fail (it sends no key)")
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="let web pages from this origin (e.g. "
+                   "https://shop.example) call the API; repeatable (default: none, CORS off)")
+    p.add_argument("--max-queue", type=_positive_int, default=32, help="requests waiting for the model before more "
+                   "are answered 429 with Retry-After (default 32)")
+    p.add_argument("--upload-memory-mb", type=_positive_int, help="request bodies held in memory at once before "
+                   "more are answered 429 (default 4 x --max-upload-mb)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("camera", parents=[common], help="live search from a camera or a video file (needs OpenCV)")

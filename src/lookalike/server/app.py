@@ -9,6 +9,7 @@ Every error is JSON ``{"error": ..., "detail": ...}`` with a 4xx code; a 500 is 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import dataclasses
@@ -22,19 +23,24 @@ import os
 import threading
 import time
 from collections import OrderedDict
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import quote
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path as PathParam, Query as QueryParam, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Match
 
 from .. import __version__
 from ..engine import VisualSearch, vote
@@ -67,6 +73,7 @@ PAGE_CSP = (
     "default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; script-src 'self'; "
     "style-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 )
+PAGE_HEADERS = {"Content-Security-Policy": PAGE_CSP, "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
 
 
 @dataclass(frozen=True)
@@ -84,9 +91,23 @@ class ServerSettings:
     refresh_seconds: float = 1.0  # how often to look for a generation committed by another process
     thumbnail_cache: int = 512
     api_key: str | None = None  # required as "Authorization: Bearer <key>" by the routes that change the index
+    protect_reads: bool = False  # the read routes (search, invocations, items, metrics) need the key too
+    cors_origins: tuple[str, ...] = ()  # origins allowed to call the API from a browser (CORS); none by default
+    max_queue: int = 32  # requests waiting for a model slot; one more is answered 429
+    upload_memory_bytes: int = 0  # request bodies held at once; 0: 4 x max_upload_bytes; over it, 429
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cors_origins", tuple(self.cors_origins or ()))
+        if self.protect_reads and not self.api_key:
+            raise ValueError("protect_reads needs an API key")
 
     def __repr__(self) -> str:  # never show the key
-        return f"ServerSettings(index_dir={self.index_dir!r}, api_key={'set' if self.api_key else None})"
+        return (f"ServerSettings(index_dir={self.index_dir!r}, api_key={'set' if self.api_key else None}, "
+                f"protect_reads={self.protect_reads})")
+
+    @property
+    def body_budget(self) -> int:
+        return self.upload_memory_bytes or 4 * self.max_upload_bytes
 
     def policy(self) -> ImagePolicy:
         return ImagePolicy(
@@ -100,10 +121,11 @@ class ServerSettings:
 class HTTPError(LookalikeError):
     """An error the service answers with a given status (404, 409, 413, 415 ...)."""
 
-    def __init__(self, status: int, error: str, detail: str):
+    def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None):
         super().__init__(detail)
         self.status = status
         self.error = error
+        self.headers = headers
 
 
 # (type, status, short error) — the first matching type wins, so subclasses come first.
@@ -134,6 +156,177 @@ def error_status(exc: LookalikeError) -> tuple[int, str]:
         if isinstance(exc, kind):
             return status, error
     return 400, "bad request"  # pragma: no cover - LookalikeError is last in _STATUS
+
+
+# --- what the OpenAPI schema says the answers are --------------------------------------------
+# Documentation only: the routes build plain dicts (no response_model re-validation on the hot
+# path); tests/test_service_hardening.py checks with schemathesis that the answers match.
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(_Strict):
+    """Every 4xx (and, being a bug, a 500) is answered with this."""
+
+    error: str = Field(description="short name of the failure, e.g. 'invalid query'")
+    detail: str = Field(description="what was wrong, for a person to read")
+
+
+class HitOut(_Strict):
+    rank: int = Field(ge=1)
+    id: str
+    score: float = Field(description="similarity, higher is more similar")
+    distance: float = Field(description="distance under the index's metric, lower is more similar")
+    metadata: dict[str, Any]
+    image_url: str = Field(description="the item's thumbnail, GET /items/{item_id}/image")
+
+
+class QueryResultOut(_Strict):
+    query: str = Field(description="the uploaded file's name, the URL, '<body>', 'image_base64' or '<vector>'")
+    hits: list[HitOut]
+
+
+class SearchOut(_Strict):
+    results: list[QueryResultOut]
+    took_ms: float
+
+
+class ItemOut(_Strict):
+    id: str
+    label: str | None
+    metadata: dict[str, Any]
+    image_url: str
+
+
+class AddedOut(ItemOut):
+    generation: int = Field(description="the index generation that holds the new item")
+    items: int
+
+
+class RemovedOut(_Strict):
+    removed: str
+    generation: int
+    items: int
+
+
+class LiveOut(_Strict):
+    status: str
+
+
+class ReadyOut(_Strict):
+    ready: bool
+    items: int
+    generation: int = Field(description="the generation this worker process serves")
+    model: str
+    metric: str
+    dim: int
+    pid: int = Field(description="the worker process that answered (serve --workers N runs several)")
+
+
+class PredictionOut(_Strict):
+    predicted_label: Any = Field(description="the majority label of the k neighbours")
+    labels: list[Any] | None = Field(None, description="with verbose=true: the neighbours' labels, most similar first")
+    distances: list[float] | None = Field(None, description="with verbose=true: the neighbours' distances")
+    ids: list[str]
+
+
+class PredictionsOut(_Strict):
+    predictions: list[PredictionOut]
+
+
+_ERROR_TEXT = {
+    400: "Bad request: malformed multipart body, or an image URL that is refused or unreachable",
+    401: "Missing or wrong API key ('Authorization: Bearer <key>')",
+    403: "This service was started without an API key, so the routes that change the index are off",
+    404: "No such item, or its image is not available",
+    405: "The method is not allowed on this path (see the Allow header)",
+    406: "The Accept header asks for a format this route does not write",
+    409: "Conflict: the id is taken, or another process holds the index",
+    413: "The request body is over the service's size limit",
+    415: "Unsupported Content-Type, or the bytes are not a supported image",
+    422: "Invalid request: parameters, JSON, vector dimension, or an image that is corrupt or too large",
+    429: "Too many requests are waiting for the model or hold upload memory; retry after Retry-After seconds",
+    503: "The index or the model is not available",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+_WWW_AUTH = {"WWW-Authenticate": {"description": "the scheme to use: Bearer", "schema": {"type": "string"}}}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for these error statuses, all in the {"error","detail"} shape."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        entry: dict[str, Any] = {"model": ErrorBody, "description": _ERROR_TEXT[code]}
+        if code == 429:
+            entry["headers"] = _RETRY_AFTER
+        elif code == 401:
+            entry["headers"] = _WWW_AUTH
+        out[code] = entry
+    return out
+
+
+# --- limits on work and memory ---------------------------------------------------------------
+
+
+class Busy(HTTPError):
+    """429: the service is at its limit; the client should retry later."""
+
+    def __init__(self, detail: str, retry_after: int = 1):
+        super().__init__(429, "too many requests", detail, headers={"Retry-After": str(retry_after)})
+
+
+class Gate:
+    """At most ``slots`` decode+featurize jobs at once, at most ``max_queue`` waiting; more is a 429.
+
+    Used on the event loop only: waiting requests hold no worker thread, and the queue is bounded,
+    so a burst of uploads cannot pile up decoded images or threads without limit.
+    """
+
+    def __init__(self, slots: int, max_queue: int):
+        self.slots, self.max_queue = slots, max_queue
+        self.running = self.waiting = 0
+        self._sem: asyncio.Semaphore | None = None
+
+    @property
+    def sem(self) -> asyncio.Semaphore:
+        if self._sem is None:  # created on the serving loop
+            self._sem = asyncio.Semaphore(self.slots)
+        return self._sem
+
+    @contextlib.asynccontextmanager
+    async def enter(self):
+        if self.running >= self.slots and self.waiting >= self.max_queue:
+            raise Busy(f"{self.running} requests are being computed and {self.waiting} are waiting, the most this "
+                       "service queues; retry shortly")
+        self.waiting += 1
+        try:
+            await self.sem.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1
+            self.sem.release()
+
+
+class BodyBudget:
+    """Bytes of request bodies held in memory at once (event loop only): reserve or refuse, release at the end."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    def reserve(self, n: int) -> bool:
+        if n > 0 and self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.used -= n
 
 
 # --- the shared index ----------------------------------------------------------------------
@@ -185,7 +378,7 @@ class SharedIndex:
         self.settings = settings
         self.vs = VisualSearch.open(settings.index_dir, device=settings.device, policy=settings.policy())
         self.lock = ReadWriteLock()
-        self.compute = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))  # model calls at once
+        self.compute = threading.BoundedSemaphore(usable_cpus())  # model calls at once
         self._checked = time.monotonic()
         self._refresh_lock = threading.Lock()
         self._thumbs: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
@@ -237,6 +430,14 @@ class SharedIndex:
         return data
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (the affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def _blank(size: int):
     from PIL import Image
 
@@ -256,6 +457,57 @@ def _item_dict(item: Item) -> dict[str, Any]:
 
 
 # --- request parsing ----------------------------------------------------------------------
+
+
+_INT64 = 2**63
+
+
+def _no_constant(name: str):
+    raise QueryError(f"{name} is not allowed in JSON: numbers must be finite")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise QueryError(f"{text[:40]} is out of range: numbers must be finite")
+    return value
+
+
+def _check_json(value: Any, where: str, depth: int = 0) -> None:
+    """Refuse what JSON can carry but the index cannot store or match: lone surrogates, huge integers, deep nesting."""
+    if depth > 32:
+        raise QueryError(f"{where}: nested too deeply")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise QueryError(f"{where}: text holds an unpaired surrogate (\\ud800-\\udfff), which is not valid Unicode") from None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if not -_INT64 <= value < _INT64:
+            raise QueryError(f"{where}: integer {str(value)[:40]} is out of the 64-bit range")
+    elif isinstance(value, dict):
+        for key, v in value.items():
+            _check_json(key, where, depth + 1)
+            _check_json(v, where, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            _check_json(v, where, depth + 1)
+
+
+def _loads(raw: bytes | str, what: str = "request body") -> Any:
+    """Parse JSON from a request strictly: finite numbers only, valid Unicode, 64-bit integers."""
+    try:
+        value = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise QueryError(f"{what} is not valid JSON") from None
+    _check_json(value, what)
+    return value
+
+
+def _text_field(value: Any, where: str) -> Any:
+    if isinstance(value, str):
+        _check_json(value, where)
+    return value
 
 
 def _int_param(value: Any, name: str, low: int, high: int) -> int:
@@ -283,15 +535,20 @@ def _filter_param(value: Any) -> dict[str, Any] | None:
         return None
     if isinstance(value, str):
         try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise QueryError('filter must be a JSON object such as {"colour": "Black"}') from None
+            value = _loads(value, "filter")
+        except QueryError as exc:
+            raise QueryError(f'filter must be a JSON object such as {{"colour": "Black"}} ({exc})') from None
+    _check_json(value, "filter")
     if not isinstance(value, dict):
         raise QueryError('filter must be a JSON object such as {"colour": "Black"}')
     scalar = (str, int, float, bool, type(None))
+    values = 0
     for key, v in value.items():
         if not (isinstance(v, scalar) or isinstance(v, list) and all(isinstance(x, scalar) for x in v)):
             raise QueryError(f"filter value of {key!r} must be a string, number, or a list of them")
+        values += len(v) if isinstance(v, list) else 1
+    if values > 500:  # each is an SQL parameter; SQLite allows 999 in a statement on old builds
+        raise QueryError(f"filter holds {values} values; at most 500")
     return value
 
 
@@ -321,7 +578,7 @@ class Query:
         self.name, self.data, self.url, self.vector = name, data, url, vector
 
 
-def _json_queries(body: dict[str, Any], allow_urls: bool) -> list[Query]:
+def _json_queries(body: dict[str, Any], allow_urls: bool, dim: int | None = None) -> list[Query]:
     queries = []
     if "image_url" in body:
         queries.append(Query(body["image_url"] if isinstance(body["image_url"], str) else "image_url", url=_url_param(body["image_url"], "image_url", allow_urls)))
@@ -334,10 +591,33 @@ def _json_queries(body: dict[str, Any], allow_urls: bool) -> list[Query]:
         queries.append(Query("<vector>", vector=vector))
     if len(queries) != 1:
         raise QueryError('give exactly one of "image_url", "image_base64" or "vector"')
+    vector = queries[0].vector
+    if vector is not None and dim is not None:
+        if len(vector) != dim:
+            raise QueryError(f"vector has dimension {len(vector)}, but the index holds vectors of dimension {dim}")
+        import numpy as np
+
+        with np.errstate(over="ignore"):
+            _finite_vectors(np.asarray([vector], dtype=np.float64).astype(np.float32))
     return queries
 
 
 # --- the app --------------------------------------------------------------------------------
+
+
+def _vector_schema(dim: int) -> dict[str, Any]:
+    return {"type": "array", "minItems": dim, "maxItems": dim, "items": {"type": "number"},
+            "description": f"a feature vector of the index's model: {dim} finite numbers"}
+
+
+_FILTER_SCHEMA = {
+    "type": "object",
+    "description": 'metadata equalities, e.g. {"colour": "Black"}; a list value means any of',
+    "additionalProperties": {"anyOf": [
+        {"type": ["string", "number", "boolean", "null"]},
+        {"type": "array", "items": {"type": ["string", "number", "boolean", "null"]}},
+    ]},
+}
 
 
 def create_app(settings: ServerSettings):
@@ -345,12 +625,22 @@ def create_app(settings: ServerSettings):
     shared = SharedIndex(settings)
     metrics = Metrics()
     policy = settings.policy()
+    gate = Gate(usable_cpus(), settings.max_queue)
     app = FastAPI(
         title="lookalike",
         version=__version__,
-        description="Visual search: send a picture of a thing, get the catalog items that look most like it.",
+        description="Visual search: send a picture of a thing, get the catalog items that look most like it.\n\n"
+        "Every error is JSON `{\"error\": ..., \"detail\": ...}` with a 4xx status. Item ids may contain `/`: "
+        "send it as `%2F` in `/items/{item_id}` (a literal `/image` at the end names the item's thumbnail).",
     )
     app.state.shared = shared
+    app.state.gate = gate
+    dim = shared.vs.dim
+    # Without a key the write routes are simply off (403 whatever is sent): no credentials to declare.
+    write_security = {"security": [{"bearerAuth": []}]} if settings.api_key else {}
+    write_auth = (401, 403) if settings.api_key else (403,)
+    read_security = write_security if settings.protect_reads else {}
+    read_auth = (401,) if settings.protect_reads else ()
 
     def error_response(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
@@ -360,7 +650,9 @@ def create_app(settings: ServerSettings):
         status, error = error_status(exc)
         if isinstance(exc, HTTPError) and exc.status == 413:
             metrics.count("rejected_uploads")
-        return error_response(status, error, str(exc))
+        if isinstance(exc, Busy):
+            metrics.count("busy")
+        return error_response(status, error, str(exc), getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -370,28 +662,67 @@ def create_app(settings: ServerSettings):
             parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
         return error_response(422, "invalid request", "; ".join(parts) or "invalid request")
 
+    def allowed_methods(scope) -> list[str]:
+        """The methods of the route template that a path matches (all routes of that template, not the first one)."""
+        first, methods = None, set()
+        for route in app.router.routes:
+            route_methods = getattr(route, "methods", None)
+            if not route_methods:
+                continue
+            match, _ = route.matches(scope)
+            if match is Match.NONE:
+                continue
+            first = first or route.path
+            if route.path == first:
+                methods |= set(route_methods)
+        return sorted(methods)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         phrase = {404: "not found", 405: "method not allowed", 400: "bad request"}.get(exc.status_code, "error")
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
-        return error_response(exc.status_code, phrase, detail, getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            methods = allowed_methods(request.scope)
+            if methods:
+                headers["Allow"] = ", ".join(methods)
+        return error_response(exc.status_code, phrase, detail, headers or None)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):  # a 500 is a bug: log it, answer in our shape
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(500, "internal error", f"{type(exc).__name__}: {exc}")
 
-    app.add_middleware(_Guard, max_body=settings.max_upload_bytes, metrics=metrics)
+    # Outermost first: security headers on every answer, then CORS (only when origins are named),
+    # then the body limits and metrics.
+    guard_budget = BodyBudget(settings.body_budget)
+    app.add_middleware(_Guard, max_body=settings.max_upload_bytes, metrics=metrics, budget=guard_budget)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Accept"], expose_headers=["Retry-After", "X-Index-Generation"],
+            max_age=600,
+        )
+    app.add_middleware(_SecurityHeaders)
+
+    def check_key(request: Request, what: str) -> None:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.api_key.encode()):
+            metrics.count("unauthorized")
+            raise HTTPError(401, "unauthorized", f"{what}: send the API key as 'Authorization: Bearer <key>'",
+                            headers={"WWW-Authenticate": "Bearer"})
 
     def require_key(request: Request) -> None:
         """Write routes: the API key must be given; with none configured they are off."""
         if not settings.api_key:
             raise HTTPError(403, "writes disabled", "this service was started without an API key, so the routes that "
                             "change the index are off; start it with --api-key-file PATH or LOOKALIKE_API_KEY set")
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.api_key.encode()):
-            metrics.count("unauthorized")
-            raise HTTPError(401, "unauthorized", "this route changes the index: send the API key as 'Authorization: Bearer <key>'")
+        check_key(request, "this route changes the index")
+
+    def require_read_key(request: Request) -> None:
+        """Read routes: the API key is needed only when the service was started with --protect-reads."""
+        if settings.protect_reads:
+            check_key(request, "this service protects its read routes (--protect-reads)")
 
     # --- search ---------------------------------------------------------------------------
 
@@ -402,14 +733,16 @@ def create_app(settings: ServerSettings):
         if ctype == "multipart/form-data":
             form = await request.form(max_files=settings.max_files, max_fields=100)
             queries = []
-            for key, value in form.multi_items():
-                if isinstance(value, UploadFile):
-                    queries.append(Query(value.filename or f"upload {len(queries) + 1}", data=await value.read()))
-                elif key in ("k", "min_score", "filter"):
-                    params[key] = value
-                elif key == "image_url":
-                    queries.append(Query(value, url=_url_param(value, "image_url", settings.allow_urls)))
-            await form.close()
+            try:
+                for key, value in form.multi_items():
+                    if isinstance(value, UploadFile):
+                        queries.append(Query(value.filename or f"upload {len(queries) + 1}", data=await value.read()))
+                    elif key in ("k", "min_score", "filter"):
+                        params[key] = _text_field(value, key)
+                    elif key == "image_url":
+                        queries.append(Query(value, url=_url_param(_text_field(value, key), "image_url", settings.allow_urls)))
+            finally:
+                await form.close()
             if not queries:
                 raise QueryError("the form holds no image: send one or more files in a field named 'file'")
             return queries, params
@@ -417,47 +750,93 @@ def create_app(settings: ServerSettings):
             raw = await request.body()
             if not raw.strip():
                 raise QueryError('send a multipart upload ("file"), or JSON with "image_url", "image_base64" or "vector"')
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-                raise QueryError("request body is not valid JSON") from None
+            body = _loads(raw)
             if not isinstance(body, dict):
                 raise QueryError("request body must be a JSON object")
+            if "k" in body and (not isinstance(body["k"], int) or isinstance(body["k"], bool)):
+                raise QueryError(f"k must be a whole number from 1 to {settings.max_k}")
+            if "min_score" in body and (not isinstance(body["min_score"], (int, float)) or isinstance(body["min_score"], bool)):
+                raise QueryError("min_score must be a finite number")
+            if "filter" in body and not isinstance(body["filter"], dict):
+                raise QueryError('filter must be a JSON object such as {"colour": "Black"}')
             params.update({key: body[key] for key in ("k", "min_score", "filter") if key in body})
-            return _json_queries(body, settings.allow_urls), params
+            return _json_queries(body, settings.allow_urls, dim), params
         if ctype.startswith("image/") or ctype == "application/octet-stream":
             return [Query("<body>", data=await request.body())], params
         raise sagemaker.UnsupportedMediaType(
             f"Content-Type {ctype!r} is not accepted by /search: send multipart/form-data, application/json or the image bytes", 415
         )
 
-    def run_search(queries: list[Query], k: int, filter: dict | None, min_score: float | None) -> list[dict[str, Any]]:
-        with shared.reading() as vs:
-            inputs = []
-            for q in queries:
-                if q.vector is not None:
-                    inputs.append(q.vector)
-                elif q.url is not None:
-                    inputs.append(load_image(q.url, policy=policy, draft_size=vs.spec.resize_size))
-                else:
-                    inputs.append(load_image(q.data, policy=policy, draft_size=vs.spec.resize_size, name=q.name))
+    def run_search(queries: list[Query], k: int, filter: dict | None, min_score: float | None) -> tuple[list[dict[str, Any]], int]:
+        # One image decoded and featurized at a time, outside the index lock: a request's memory is
+        # one decoded image however many it sends, and writers wait only for the index search.
+        featurizer, draft = shared.vs.featurizer, shared.vs.spec.resize_size
+        inputs = []
+        for q in queries:
+            if q.vector is not None:
+                inputs.append(q.vector)
+                continue
+            image = load_image(q.url if q.url is not None else q.data, policy=policy, draft_size=draft, name=q.name)
+            q.data = None
             with shared.compute:
-                results: list[SearchResult] = vs.search(inputs, k=k, filter=filter, min_score=min_score)
-        return [{"query": q.name, "hits": [_hit_dict(h) for h in r.hits]} for q, r in zip(queries, results)]
+                inputs.append(featurizer.featurize([image], strict=True).vectors[0])
+            del image
+        with shared.reading() as vs:
+            results: list[SearchResult] = vs.search(inputs, k=k, filter=filter, min_score=min_score)
+            generation = vs.generation
+        return [{"query": q.name, "hits": [_hit_dict(h) for h in r.hits]} for q, r in zip(queries, results)], generation
+
+    # Image URLs are part of the schema only when the service fetches them (--allow-urls).
+    url_field = {"image_url": {"type": "string", "format": "uri", "description": "an image URL"}} if settings.allow_urls else {}
+
+    def one_image(keys: list[str], combine: str = "oneOf") -> dict[str, Any]:
+        keys = [*keys, "image_url"] if settings.allow_urls else keys
+        return {combine: [{"required": [key]} for key in keys]} if len(keys) > 1 else {"required": keys}
+
+    search_body = {"required": True, "content": {
+        "multipart/form-data": {"schema": {
+            "type": "object",
+            "properties": {
+                "file": {"type": "array", "minItems": 1, "maxItems": settings.max_files,
+                         "items": {"type": "string", "format": "binary"}, "description": "one or more images"},
+                **url_field,
+                "k": {"type": "integer", "minimum": 1, "maximum": settings.max_k},
+                "min_score": {"type": "number"},
+                "filter": {"type": "string", "description": 'a JSON object, e.g. {"colour": "Black"}'},
+            },
+            **one_image(["file"], "anyOf"),
+        }},
+        "application/json": {"schema": {
+            "type": "object",
+            "properties": {
+                **url_field,
+                "image_base64": {"type": "string", "contentEncoding": "base64", "description": "image bytes, base64 (a data: URL too)"},
+                "vector": _vector_schema(dim),
+                "k": {"type": "integer", "minimum": 1, "maximum": settings.max_k},
+                "min_score": {"type": "number"},
+                "filter": _FILTER_SCHEMA,
+            },
+            **one_image(["image_base64", "vector"]),
+        }},
+        **{t: {"schema": {"type": "string", "format": "binary"}} for t in (
+            "image/jpeg", "image/png", "image/webp", "application/octet-stream")},
+    }}
 
     @app.post(
         "/search",
+        operation_id="search",
         summary="Search by image (upload, URL, base64) or by feature vector",
-        openapi_extra={"requestBody": {"content": {
-            "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
-            "application/json": {"schema": {"type": "object", "properties": {
-                "image_url": {"type": "string"}, "image_base64": {"type": "string"},
-                "vector": {"type": "array", "items": {"type": "number"}},
-                "k": {"type": "integer"}, "min_score": {"type": "number"}, "filter": {"type": "object"}}}},
-        }}},
+        responses={200: {"model": SearchOut, "headers": {"X-Index-Generation": {
+            "description": "the index generation that answered", "schema": {"type": "integer"}}}},
+            **_errors(400, *read_auth, 413, 415, 422, 429, 503)},
+        openapi_extra={"requestBody": search_body, **read_security},
     )
-    async def search(request: Request, k: int | None = None, min_score: float | None = None, filter: str | None = None):
+    async def search(
+        request: Request,
+        k: int | None = QueryParam(None, ge=1, le=settings.max_k, description="hits per query"),
+        min_score: float | None = QueryParam(None, description="hits scoring below it are dropped"),
+        filter: str | None = QueryParam(None, description='a JSON object of metadata equalities, e.g. {"colour": "Black"}'),
+    ):
         """The most similar catalog items of each query image, most similar first.
 
         Parameters (query string, form fields or JSON keys): ``k`` hits per query, ``min_score``
@@ -465,41 +844,64 @@ def create_app(settings: ServerSettings):
         metadata equalities; a list value means any of).
         """
         start = time.perf_counter()
+        require_read_key(request)
         queries, params = await read_queries(request)
         k_ = _int_param(params.get("k", settings.k), "k", 1, settings.max_k)
         min_score_ = _float_param(params["min_score"], "min_score") if params.get("min_score") not in (None, "") else None
         filter_ = _filter_param(params.get("filter"))
-        results = await run_in_threadpool(run_search, queries, k_, filter_, min_score_)
-        return {"results": results, "took_ms": round((time.perf_counter() - start) * 1000, 2)}
+        async with gate.enter():
+            results, generation = await run_in_threadpool(run_search, queries, k_, filter_, min_score_)
+        return JSONResponse({"results": results, "took_ms": round((time.perf_counter() - start) * 1000, 2)},
+                            headers={"X-Index-Generation": str(generation)})
 
     # --- SageMaker k-NN -------------------------------------------------------------------
 
+    vector = _vector_schema(dim)
+    invocations_body = {"required": True, "content": {
+        "text/csv": {"schema": {"type": "string", "description": f"one vector per line: {dim} comma-separated numbers"}},
+        "application/json": {"schema": {
+            "type": "object", "required": ["instances"],
+            "properties": {"instances": {"type": "array", "minItems": 1, "items": {"anyOf": [
+                {"type": "object", "required": ["features"], "properties": {"features": vector}},
+                {"type": "object", "required": ["data"], "not": {"required": ["features"]}, "properties": {"data": {
+                    "type": "object", "required": ["features"], "properties": {"features": {
+                        "type": "object", "required": ["values"], "properties": {"values": vector}}}}}},
+            ]}}},
+        }},
+        "application/jsonlines": {"schema": {"type": "string", "description": 'one {"features": [...]} object per line'}},
+    }}
+
     @app.post(
         "/invocations",
+        operation_id="invocations",
         summary="SageMaker k-NN inference (text/csv, application/json, application/jsonlines)",
-        openapi_extra={"requestBody": {"content": {
-            "text/csv": {"schema": {"type": "string"}},
-            "application/json": {"schema": {"type": "object"}},
-            "application/jsonlines": {"schema": {"type": "string"}},
-        }}},
+        response_class=Response,
+        responses={200: {"description": "one prediction per vector", "model": PredictionsOut, "content": {
+            "application/jsonlines": {"schema": {"type": "string", "description": "one prediction object per line"}}}},
+            **_errors(400, *read_auth, 406, 413, 415, 422, 429, 503)},
+        openapi_extra={"requestBody": invocations_body, **read_security},
     )
-    async def invocations(request: Request, k: int | None = None):
+    async def invocations(request: Request, k: int | None = QueryParam(None, ge=1, le=settings.max_k, description="neighbours that vote")):
         """Feature vectors in, the voted label of each one's k nearest neighbours out.
 
         ``Accept: application/json; verbose=true`` adds each neighbour's ``labels`` and ``distances``,
         most similar first; every prediction carries the neighbours' ``ids``.
         """
+        require_read_key(request)
         media = sagemaker.response_type(request.headers.get("accept"))
-        vectors = sagemaker.parse_request(await request.body(), request.headers.get("content-type"))
+        raw = await request.body()
         k_ = _int_param(k if k is not None else settings.k, "k", 1, settings.max_k)
 
         def run() -> list[dict[str, Any]]:
+            vectors = _finite_vectors(sagemaker.parse_request(raw, request.headers.get("content-type")))
             with shared.reading() as vs:
                 results = vs.search(list(vectors), k=k_)
             results = [results] if isinstance(results, SearchResult) else results
             return [sagemaker.prediction(vote(r)["label"], [h.to_dict() for h in r.hits], media.verbose) for r in results]
 
-        body, content_type = sagemaker.write_response(await run_in_threadpool(run), media)
+        async with gate.enter():
+            predictions = await run_in_threadpool(run)
+        body, content_type = sagemaker.write_response(predictions, media)
         return Response(body, media_type=content_type)
 
     # --- items ------------------------------------------------------------------------------
@@ -512,10 +914,28 @@ def create_app(settings: ServerSettings):
             raise HTTPError(404, "not found", f"no item with id {item_id!r}")
         return item, generation
 
-    @app.get("/items/{item_id:path}/image", summary="The catalog image of an item, as a JPEG thumbnail")
-    async def item_image(item_id: str, size: int = 256):
-        if not 16 <= size <= 1024:
-            raise QueryError(f"size must be from 16 to 1024 pixels, got {size}")
+    example = _an_item_id(shared.vs)
+
+    def item_id_param():
+        return PathParam(..., description="the item's id; a '/' in it is sent as %2F",
+                         openapi_examples={"an item of the index": {"value": example}} if example else None)
+
+    @app.get(
+        "/items/{item_id:path}/image",
+        operation_id="get_item_image",
+        summary="The catalog image of an item, as a JPEG thumbnail",
+        response_class=Response,
+        responses={200: {"description": "a JPEG whose longer side is at most `size`",
+                         "content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
+                   307: {"description": "the item's image is a URL: go there"},
+                   **_errors(*read_auth, 404, 422, 503)},
+        openapi_extra=read_security,
+    )
+    async def item_image(request: Request, item_id: str = item_id_param(),
+                         size: int = QueryParam(256, ge=16, le=1024, description="longer side, in pixels")):
+        if not _names_image(request, item_id + "/image"):  # /items/a%2Fimage: the item "a/image" itself
+            return JSONResponse(await get_item(request, item_id + "/image"))
+        require_read_key(request)
         item, generation = await run_in_threadpool(find, item_id)
         if is_url(item.image):
             return RedirectResponse(item.image, status_code=307)
@@ -525,29 +945,66 @@ def create_app(settings: ServerSettings):
             raise HTTPError(404, "image not available", str(exc)) from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=300"})
 
-    @app.get("/items/{item_id:path}", summary="An item's id, label and metadata")
-    async def get_item(item_id: str):
+    @app.get(
+        "/items/{item_id:path}",
+        operation_id="get_item",
+        summary="An item's id, label and metadata",
+        responses={200: {"model": ItemOut}, **_errors(*read_auth, 404, 422, 503)},
+        openapi_extra=read_security,
+    )
+    async def get_item(request: Request, item_id: str = item_id_param()):
+        require_read_key(request)
         item, _ = await run_in_threadpool(find, item_id)
         return _item_dict(item)
 
+    item_fields = {
+        "id": {"type": ["string", "integer"], "maxLength": 500,
+               "description": "empty or missing: derived from the image's content"},
+        "label": {"type": ["string", "integer"]},
+    }
+    add_body = {"required": True, "content": {
+        "multipart/form-data": {"schema": {
+            "type": "object",
+            "properties": {
+                "file": {"type": "string", "format": "binary", "description": "the image"},
+                **url_field,
+                # Form fields are text whatever they look like ("true", "12"): no JSON type to declare.
+                "id": {"maxLength": 500, "description": "text; empty or missing: derived from the image's content"},
+                "label": {"description": "text"},
+                "metadata": {"type": ["string", "object"], "description": "a JSON object, as text"},
+            },
+            **one_image(["file"]),
+        }},
+        "application/json": {"schema": {
+            "type": "object",
+            "properties": {
+                **item_fields,
+                **url_field,
+                "image_base64": {"type": "string", "contentEncoding": "base64", "description": "image bytes, base64"},
+                "metadata": {"type": "object"},
+            },
+            **one_image(["image_base64"]),
+        }},
+    }}
+
     @app.post(
         "/items",
+        operation_id="add_item",
         status_code=201,
         summary="Add an item: an uploaded image or an image URL, with id, label and metadata",
-        openapi_extra={"requestBody": {"content": {
-            "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "file": {"type": "string", "format": "binary"}, "image_url": {"type": "string"},
-                "id": {"type": "string"}, "label": {"type": "string"}, "metadata": {"type": "string"}}}},
-            "application/json": {"schema": {"type": "object", "properties": {
-                "id": {"type": "string"}, "image_url": {"type": "string"}, "image_base64": {"type": "string"},
-                "label": {"type": "string"}, "metadata": {"type": "object"}}}},
-        }}},
+        responses={201: {"model": AddedOut, "links": {  # the id of the new item is in the answer, not the request
+            name: {"operationId": op, "parameters": {"item_id": "$response.body#/id"}}
+            for name, op in (("GetItem", "get_item"), ("GetItemImage", "get_item_image"), ("DeleteItem", "delete_item"))}},
+            **_errors(400, *write_auth, 409, 413, 415, 422, 429, 503)},
+        openapi_extra={"requestBody": add_body, **write_security},
     )
     async def add_item(request: Request):
         """Featurize one image and add it to the index (committed to disk before the answer). Needs the API key."""
         require_key(request)
         fields, data, url = await read_item(request)
-        return await run_in_threadpool(add_one, fields, data, url)
+        async with gate.enter():
+            added = await run_in_threadpool(add_one, fields, data, url)
+        return JSONResponse(added, status_code=201)
 
     async def read_item(request: Request) -> tuple[dict[str, Any], bytes | None, str | None]:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -555,24 +1012,20 @@ def create_app(settings: ServerSettings):
         data = url = None
         if ctype == "multipart/form-data":
             form = await request.form(max_files=1, max_fields=100)
-            for key, value in form.multi_items():
-                if isinstance(value, UploadFile):
-                    data = await value.read()
-                elif key == "metadata":
-                    try:
-                        fields["metadata"] = json.loads(value)
-                    except json.JSONDecodeError:
-                        raise QueryError("metadata must be a JSON object") from None
-                elif key == "image_url":
-                    url = _url_param(value, "image_url", settings.allow_urls)
-                else:
-                    fields[key] = value
-            await form.close()
-        elif ctype in ("application/json", ""):
             try:
-                fields = json.loads(await request.body())
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-                raise QueryError("request body is not valid JSON") from None
+                for key, value in form.multi_items():
+                    if isinstance(value, UploadFile):
+                        data = await value.read()
+                    elif key == "metadata":
+                        fields["metadata"] = _loads(value, "metadata")
+                    elif key == "image_url":
+                        url = _url_param(_text_field(value, key), "image_url", settings.allow_urls)
+                    else:
+                        fields[key] = _text_field(value, key)
+            finally:
+                await form.close()
+        elif ctype in ("application/json", ""):
+            fields = _loads(await request.body())
             if not isinstance(fields, dict):
                 raise QueryError("request body must be a JSON object")
             if "image_base64" in fields:
@@ -599,7 +1052,8 @@ def create_app(settings: ServerSettings):
             suffix = ext.get(_format_of(data), ".img")
         else:
             digest = hashlib.sha256(url.encode()).hexdigest()
-        item_id = str(fields.get("id") or digest[:16]).strip()
+        given = fields.get("id")
+        item_id = (digest[:16] if given is None or given == "" else str(given)).strip()
         if not item_id or len(item_id) > 500:
             raise QueryError("id must be 1 to 500 characters")
         label = fields.get("label")
@@ -635,10 +1089,19 @@ def create_app(settings: ServerSettings):
                 raise
             return {**_item_dict(vs.get(item_id)), "generation": vs.generation, "items": len(vs)}
 
-    @app.delete("/items/{item_id:path}", summary="Remove an item")
-    async def delete_item(item_id: str, request: Request):
+    @app.delete(
+        "/items/{item_id:path}",
+        operation_id="delete_item",
+        summary="Remove an item",
+        responses={200: {"model": RemovedOut}, **_errors(*write_auth, 404, 405, 409, 422, 503)},
+        openapi_extra=write_security,
+    )
+    async def delete_item(request: Request, item_id: str = item_id_param()):
         """Remove an item from the index. Needs the API key."""
+        if _names_image(request, item_id):  # DELETE /items/{id}/image: the image is not deleted on its own
+            raise StarletteHTTPException(405, "Method Not Allowed")
         require_key(request)
+
         def run():
             with shared.writing() as vs:
                 if vs.get(item_id) is None:
@@ -650,21 +1113,33 @@ def create_app(settings: ServerSettings):
 
     # --- health, metrics, the page ------------------------------------------------------------
 
-    @app.get("/livez", summary="The process is up")
+    @app.get("/livez", operation_id="livez", summary="The process is up (never needs the key)", responses={200: {"model": LiveOut}})
     async def livez():
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="The index is loaded and can be searched")
+    @app.get("/readyz", operation_id="readyz", summary="The index is loaded and can be searched (never needs the key)",
+             responses={200: {"model": ReadyOut}, **_errors(503)})
     async def readyz():
         def run():
             with shared.reading() as vs:
                 return {"ready": True, "items": len(vs), "generation": vs.generation, "model": vs.spec.name,
-                        "metric": vs.metric, "dim": vs.dim}
+                        "metric": vs.metric, "dim": vs.dim, "pid": os.getpid()}
 
         return await run_in_threadpool(run)
 
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
-    async def prometheus():
+    @app.get(
+        "/metrics",
+        operation_id="metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"description": "Prometheus text format 0.0.4",
+                         "content": {"text/plain": {"schema": {"type": "string"}}}},
+                   **_errors(*read_auth, 503)},
+        openapi_extra=read_security,
+    )
+    async def prometheus(request: Request):
+        require_read_key(request)
+
         def gauges():
             with shared.reading() as vs:
                 return {
@@ -672,6 +1147,8 @@ def create_app(settings: ServerSettings):
                     "index_generation": (vs.generation, "Generation of the served index."),
                     "index_dimension": (vs.dim, "Length of the feature vectors."),
                     "index_disk_bytes": (vs.info()["size_bytes"], "Size of the index directory on disk."),
+                    "requests_waiting": (gate.waiting, "Requests waiting for a model slot."),
+                    "upload_bytes_held": (guard_budget.used, "Bytes of request bodies held in memory now."),
                 }
 
         text = metrics.render(await run_in_threadpool(gauges))
@@ -681,11 +1158,48 @@ def create_app(settings: ServerSettings):
     async def page():
         if not (STATIC / "index.html").is_file():
             raise HTTPError(404, "not found", "the web page is not installed with this copy of lookalike")
-        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_CSP})
+        return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema.setdefault("components", {})["securitySchemes"] = {"bearerAuth": {
+                "type": "http", "scheme": "bearer",
+                "description": "the key given to `lookalike serve` by --api-key-file or $LOOKALIKE_API_KEY"}}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
+
+
+def _names_image(request: Request, item_id: str) -> bool:
+    """Whether the path ends in a literal ``/image`` segment (not an id's ``%2Fimage``): the thumbnail route."""
+    raw = request.scope.get("raw_path") or request.url.path.encode()
+    return item_id.endswith("/image") and raw.split(b"?")[0].endswith(b"/image")
+
+
+def _an_item_id(vs: VisualSearch) -> str | None:
+    """The id of one item of the index (an example for the API docs), or None when it is empty."""
+    import numpy as np
+
+    if not len(vs):
+        return None
+    return vs.search(np.ones(vs.dim, np.float32), k=1).hits[0].id
+
+
+def _finite_vectors(vectors):
+    """float32 query vectors that FAISS can score: finite, and with a finite norm."""
+    import numpy as np
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
+    if not np.isfinite(vectors).all() or not np.isfinite(norms).all() or (norms > 1e18).any():
+        raise QueryError("feature vectors must hold finite numbers of a sensible size (each |value| well under 1e18)")
+    return vectors
 
 
 def _format_of(data: bytes) -> str:
@@ -695,11 +1209,29 @@ def _format_of(data: bytes) -> str:
         return img.format or ""
 
 
-class _Guard:
-    """ASGI middleware: refuses bodies over the limit (413), counts requests and times them per route."""
+class _SecurityHeaders:
+    """ASGI middleware: ``X-Content-Type-Options: nosniff`` on every answer, CORS preflights included."""
 
-    def __init__(self, app, max_body: int, metrics: Metrics):
-        self.app, self.max_body, self.metrics = app, max_body, metrics
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+
+
+class _Guard:
+    """ASGI middleware: refuses bodies over the limit (413) or over the memory budget (429), counts and times requests."""
+
+    def __init__(self, app, max_body: int, metrics: Metrics, budget: BodyBudget):
+        self.app, self.max_body, self.metrics, self.budget = app, max_body, metrics, budget
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -712,11 +1244,9 @@ class _Guard:
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
                 state["status"], state["started"] = message["status"], True
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-content-type-options", b"nosniff")]
             await send(message)
 
-        async def refuse(detail: str):
+        async def refuse(status: int, error: str, detail: str, extra: list[tuple[bytes, bytes]] = ()):
             # Read and drop what the client is still sending (up to a bound), so it gets the answer
             # instead of a connection reset in the middle of its upload.
             drained, more = 0, True
@@ -726,46 +1256,67 @@ class _Guard:
                     break
                 drained += len(message.get("body", b""))
                 more = message.get("more_body", False)
-            body = json.dumps({"error": "request too large", "detail": detail}).encode()
-            self.metrics.count("rejected_uploads")
-            await send_wrapper({"type": "http.response.start", "status": 413, "headers": [
-                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+            body = json.dumps({"error": error, "detail": detail}).encode()
+            self.metrics.count("rejected_uploads" if status == 413 else "busy")
+            await send_wrapper({"type": "http.response.start", "status": status, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"), *extra]})
             await send({"type": "http.response.body", "body": body})
 
         limit_text = f"request body is over the {self.max_body}-byte limit ({self.max_body // (1024 * 1024)} MiB)"
+        busy_text = (f"the service holds as many request bodies as it will ({self.budget.limit // (1024 * 1024)} MiB "
+                     "of uploads at once); retry shortly")
+        retry = [(b"retry-after", b"1")]
         length = headers.get(b"content-length")
         try:
             declared = int(length) if length is not None else None
         except ValueError:
             declared = None
-        received = 0
+        received = reserved = 0
 
         async def receive_limited():
-            nonlocal received
+            nonlocal received, reserved
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                n = len(message.get("body", b""))
+                received += n
                 if received > self.max_body:
                     raise _BodyTooLarge()
+                if received > reserved:  # a chunked body: reserve as it arrives
+                    if not self.budget.reserve(received - reserved):
+                        raise _OverBudget()
+                    reserved = received
             return message
 
         try:
             if declared is not None and declared > self.max_body:
-                await refuse(limit_text + f": it declares {declared} bytes")
+                await refuse(413, "request too large", limit_text + f": it declares {declared} bytes")
+            elif declared and not self.budget.reserve(declared):
+                await refuse(429, "too many requests", busy_text, retry)
             else:
+                reserved = declared or 0
                 try:
                     await self.app(scope, receive_limited, send_wrapper)
                 except _BodyTooLarge:
                     if state["started"]:
                         raise
-                    await refuse(limit_text)
+                    await refuse(413, "request too large", limit_text)
+                except _OverBudget:
+                    if state["started"]:
+                        raise
+                    await refuse(429, "too many requests", busy_text, retry)
         finally:
+            self.budget.release(reserved)
             route = scope.get("route")
             template = getattr(route, "path", None) or "(unmatched)"
             self.metrics.observe(method, template, state["status"], time.perf_counter() - start)
 
 
 class _BodyTooLarge(Exception):
+    pass
+
+
+class _OverBudget(Exception):
     pass
 
 
@@ -784,6 +1335,10 @@ def serve(settings: ServerSettings, *, host: str = "127.0.0.1", port: int = 8000
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
     print(f"lookalike: changes over HTTP (POST/DELETE /items) are "
           f"{'on, with the API key' if settings.api_key else 'off: no API key given (--api-key-file)'}", flush=True)
+    if settings.protect_reads:
+        print("lookalike: reads need the API key too (--protect-reads); the web page's searches will fail", flush=True)
+    if settings.cors_origins:
+        print(f"lookalike: CORS allows {', '.join(settings.cors_origins)}", flush=True)
     level = "warning" if quiet else "info"
     if workers == 1:
         app = create_app(settings)  # opens the index now: a bad one fails before the port is taken
