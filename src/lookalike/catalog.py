@@ -112,8 +112,14 @@ def _jsonl_rows(path: Path):
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise CatalogError(f"{path}:{line_no}: not valid JSON ({exc.msg})", subject=str(path)) from exc
+                except (ValueError, RecursionError) as exc:  # an integer over 4300 digits; nesting too deep
+                    raise CatalogError(f"{path}:{line_no}: not valid JSON ({_one_line(exc)})", subject=str(path)) from exc
                 if not isinstance(row, dict):
                     raise CatalogError(f"{path}:{line_no}: each line must be a JSON object", subject=str(path))
+                if "\\u" in line and not _is_unicode(row):  # "\ud800": valid JSON, not valid text
+                    raise CatalogError(
+                        f"{path}:{line_no}: a string holds an unpaired surrogate escape (not valid Unicode)", subject=str(path)
+                    )
                 _require_image_column(row.keys(), path, f"{path}:{line_no}")
                 yield f"{path}:{line_no}", row
     except UnicodeDecodeError as exc:
@@ -127,28 +133,36 @@ def _parquet_rows(path: Path):
         raise CatalogError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)", subject=str(path)) from exc
     try:
         table = pq.read_table(path)
+        columns = table.column_names  # UnicodeDecodeError for a name that is not UTF-8
     except Exception as exc:  # pyarrow raises many types for a bad file
-        raise CatalogError(f"{path}: not a readable Parquet file ({exc})", subject=str(path)) from exc
-    _require_image_column(table.column_names, path)
-    for i, row in enumerate(table.to_pylist(), start=1):
+        raise CatalogError(f"{path}: not a readable Parquet file ({_one_line(exc)})", subject=str(path)) from exc
+    _require_image_column(columns, path)
+    try:
+        rows = table.to_pylist()
+    except (ValueError, ArithmeticError) as exc:  # e.g. a date past year 9999, invalid UTF-8
+        raise CatalogError(f"{path}: holds a value that cannot be read ({_one_line(exc)})", subject=str(path)) from exc
+    for i, row in enumerate(rows, start=1):
         yield f"{path}:row {i}", row
 
 
 def _text_rows(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            title, sep, url = line.partition(",")
-            if not sep or not url.strip():
-                raise CatalogError(f"{path}:{line_no}: expected 'title, image_url'", subject=str(path))
-            yield f"{path}:{line_no}", {"title": title.strip(), "image": url.strip()}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                title, sep, url = line.partition(",")
+                if not sep or not url.strip():
+                    raise CatalogError(f"{path}:{line_no}: expected 'title, image_url'", subject=str(path))
+                yield f"{path}:{line_no}", {"title": title.strip(), "image": url.strip()}
+    except UnicodeDecodeError as exc:
+        raise CatalogError(f"{path}: not UTF-8 text ({exc.reason})", subject=str(path)) from exc
 
 
 def _require_image_column(columns, path: Path, where: str | None = None) -> None:
     if "image" not in columns:
-        have = ", ".join(map(str, columns)) or "none"
+        have = _one_line(", ".join(map(str, columns))) or "none"
         raise CatalogError(f"{where or path}: no 'image' column (columns: {have})", subject=str(path))
 
 
@@ -160,19 +174,44 @@ def _items_from_rows(rows, manifest: Path) -> list[Item]:
         if image is None or (isinstance(image, str) and not image.strip()):
             raise CatalogError(f"{where}: empty 'image'", subject=where)
         image = str(image).strip()
-        if not is_url(image):
+        if "\x00" in image:
+            raise CatalogError(f"{where}: 'image' holds a NUL character", subject=where)
+        if is_url(image):
+            try:
+                urllib.parse.urlsplit(image)
+            except ValueError as exc:  # e.g. "http://[abc/x.jpg": Invalid IPv6 URL
+                raise CatalogError(f"{where}: 'image' is not a valid URL ({_one_line(exc)})", subject=where) from exc
+        else:
             image = str((base / image).resolve()) if not os.path.isabs(image) else image
         item_id = row.get("id")
         if item_id is None or str(item_id).strip() == "":
             item_id = _stem(image)
-        item_id = _clean(item_id)
-        item_id = str(item_id).strip()
-        metadata = {k: _clean(v) for k, v in row.items() if k not in ("id", "image")}
+        try:
+            item_id = str(_clean(item_id)).strip()
+            metadata = {k: _clean(v) for k, v in row.items() if k not in ("id", "image")}
+        except RecursionError:
+            raise CatalogError(f"{where}: values nested too deeply", subject=where) from None
         label = metadata.get("label")
         items.append(
             Item(id=item_id, image=image, label=None if label is None else str(label), metadata=metadata, row=where)
         )
     return items
+
+
+def _one_line(text: object) -> str:
+    """``text`` for a one-line message: line breaks and other control characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def _is_unicode(value: Any) -> bool:
+    """False if a string anywhere in ``value`` (keys included) holds a lone surrogate."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    except (ValueError, RecursionError):  # too deep to check here: _clean raises a CatalogError
+        return True
+    return True
 
 
 def _stem(image: str) -> str:

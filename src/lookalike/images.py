@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import BmpImagePlugin, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import (
     ImageCorruptError,
@@ -58,10 +58,73 @@ class ImagePolicy:
 
 DEFAULT_POLICY = ImagePolicy()
 
-# Our own pixel limit (ImagePolicy.max_pixels) is checked from the header before any decoding;
-# Pillow's fixed global limit would override a policy that allows more, so it is turned off.
-Image.MAX_IMAGE_PIXELS = None
+# Our own pixel limit (ImagePolicy.max_pixels) is checked from the header before any decoding.
+# Pillow's global limit stays on too: its plugins check it themselves before allocating inside
+# Image.open (e.g. a GIF frame's disposal area, which can claim 65535x65535 pixels in a 1 KB file),
+# before our check can run. It is raised to the largest policy in use (see _decode), never lowered.
+Image.MAX_IMAGE_PIXELS = DEFAULT_POLICY.max_pixels
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class _BmpRleDecoder(BmpImagePlugin.BmpRleDecoder):
+    """Pillow's RLE4/RLE8 BMP decoder (pure Python) without its two per-pixel loops.
+
+    Pillow pads each end-of-line escape one byte per loop turn and expands 4-bit runs one pixel
+    per turn, so a 1.5 KB BMP claiming 5,000,000 x 12 pixels (inside the pixel limit) took 7 s of
+    CPU to decode (found by benchmarks/fuzz.py). Same output, in bulk; registered for "bmp_rle".
+    """
+
+    def decode(self, buffer):
+        rle4 = self.args[1]
+        data = bytearray()
+        x = 0
+        width = self.state.xsize
+        dest_length = width * self.state.ysize
+        while len(data) < dest_length:
+            pixels = self.fd.read(1)
+            byte = self.fd.read(1)
+            if not pixels or not byte:
+                break
+            num_pixels = pixels[0]
+            if num_pixels:  # encoded mode: a run
+                num_pixels = min(num_pixels, max(0, width - x))
+                pair = bytes((byte[0] >> 4, byte[0] & 0x0F)) if rle4 else byte * 2
+                data += (pair * ((num_pixels + 1) // 2))[:num_pixels]
+                x += num_pixels
+            elif byte[0] == 0:  # end of line
+                data += bytes(-len(data) % width)
+                x = 0
+            elif byte[0] == 1:  # end of bitmap
+                break
+            elif byte[0] == 2:  # delta
+                bytes_read = self.fd.read(2)
+                if len(bytes_read) < 2:
+                    break
+                right, up = bytes_read
+                data += bytes(min(dest_length - len(data), right + up * width))
+                x = len(data) % width
+            else:  # absolute mode
+                data_count = min(dest_length - len(data), byte[0])
+                byte_count = (data_count + 1) // 2 if rle4 else data_count
+                bytes_read = self.fd.read(byte_count)
+                if rle4:
+                    for i, byte_read in enumerate(bytes_read):
+                        data.append(byte_read >> 4)
+                        if i * 2 + 1 < data_count:
+                            data.append(byte_read & 0x0F)
+                else:
+                    data += bytes_read
+                if len(bytes_read) < byte_count or len(data) == dest_length:
+                    break
+                x += byte[0]
+                if self.fd.tell() % 2 != 0:  # align to a 16-bit word
+                    self.fd.seek(1, os.SEEK_CUR)
+        rawmode = "L" if self.mode in {"1", "L"} else "P"
+        self.set_as_raw(bytes(data), rawmode, (0, self.args[-1]))
+        return -1, 0
+
+
+Image.register_decoder("bmp_rle", _BmpRleDecoder)
 
 
 def describe(source: object) -> str:
@@ -136,6 +199,8 @@ def _check_pixels(width: int, height: int, name: str, policy: ImagePolicy) -> No
 
 
 def _decode(fp, name: str, policy: ImagePolicy, draft_size: int | None) -> Image.Image:
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < policy.max_pixels:
+        Image.MAX_IMAGE_PIXELS = policy.max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -148,6 +213,10 @@ def _decode(fp, name: str, policy: ImagePolicy, draft_size: int | None) -> Image
                 if short >= 2 * draft_size:
                     scale = short / draft_size
                     img.draft("RGB", (math.ceil(img.width / scale), math.ceil(img.height / scale)))
+            # Pillow gives a decoder 64 KB more per call and copies what it has not used yet each
+            # time, so a row wider than that costs time quadratic in the width: a 214-byte animated
+            # WebP of 16,000,000 x 4 pixels took 70 s (found by benchmarks/fuzz.py). Whole rows: linear.
+            img.decodermaxblock = max(img.decodermaxblock, 16 * img.width)
             img.load()
             return to_rgb(_apply_orientation(img), name)
     except ImageError:
@@ -157,6 +226,11 @@ def _decode(fp, name: str, policy: ImagePolicy, draft_size: int | None) -> Image
     except UnidentifiedImageError as exc:
         raise ImageFormatError(f"{name}: not a recognised image", subject=name) from exc
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        raise ImageCorruptError(f"{name}: corrupt or truncated image ({exc})", subject=name) from exc
+    # Pillow's plugins and codecs raise these too on damaged data (found by benchmarks/fuzz.py): e.g.
+    # RuntimeError from the AVIF decoder, NotImplementedError from DDS, TypeError or OverflowError
+    # from a TIFF whose strip offsets have the wrong type or size.
+    except (RuntimeError, TypeError, OverflowError) as exc:
         raise ImageCorruptError(f"{name}: corrupt or truncated image ({exc})", subject=name) from exc
 
 
@@ -174,12 +248,16 @@ def to_rgb(img: Image.Image, name: str = "<image>") -> Image.Image:
     if mode == "RGB" and "transparency" not in img.info:
         return img
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img).astype(np.float64)
+        # float32, in place: ~6 bytes a pixel, not ~24 (64 megapixels: 0.4 GB, not 1.5 GB, and 0.8 s, not 5.5 s)
+        arr = np.array(img, dtype=np.float32)
         top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
         if mode == "F" and arr.max(initial=0) <= 1.0:
             top = 1.0
-        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
+        arr /= top
+        arr *= 255.0
+        arr += 0.5
+        np.fmin(np.fmax(arr, 0, out=arr), 255, out=arr)  # fmax/fmin also turn NaN (a float TIFF) into 0
+        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
     try:
         if mode == "La":
             img, mode = img.convert("LA"), "LA"

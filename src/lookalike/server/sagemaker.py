@@ -29,6 +29,7 @@ from ..errors import QueryError
 
 REQUEST_TYPES = ("text/csv", "application/json", "application/jsonlines")
 RESPONSE_TYPES = ("application/json", "application/jsonlines")
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # a larger feature would become infinity
 
 
 class UnsupportedMediaType(QueryError):
@@ -71,8 +72,9 @@ def parse_request(body: bytes, content_type: str | None) -> np.ndarray:
         )
     try:
         text = body.decode(media.params.get("charset", "utf-8"))
-    except (UnicodeDecodeError, LookupError) as exc:
-        raise QueryError(f"request body is not {media.params.get('charset', 'utf-8')} text ({exc})") from None
+    except (UnicodeError, LookupError) as exc:  # UnicodeError: e.g. charset=undefined or idna
+        charset = media.params.get("charset", "utf-8")
+        raise QueryError(_one_line(f"request body is not {charset} text ({exc})")) from None
     if media.type == "text/csv":
         rows = [_csv_row(line, n) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
     elif media.type == "application/json":
@@ -104,7 +106,7 @@ def _csv_row(line: str, n: int) -> list[float]:
 def _json(text: str, where: str) -> Any:
     try:
         return json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, or an integer over 4300 digits
         raise QueryError(f"{where}: not valid JSON ({exc})") from None
 
 
@@ -120,13 +122,26 @@ def _record(record: Any, where: str) -> list[float]:
         raise QueryError(f'{where}: expected {{"features": [numbers]}} or {{"data": {{"features": {{"values": [numbers]}}}}}}')
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
         raise QueryError(f"{where}: features must all be numbers")
-    return _finite([float(v) for v in values], where)
+    try:
+        floats = [float(v) for v in values]
+    except OverflowError:  # an integer beyond any float, e.g. 10**400
+        raise _not_finite(where) from None
+    return _finite(floats, where)
 
 
 def _finite(values: list[float], where: str) -> list[float]:
-    if not all(math.isfinite(v) for v in values):
-        raise QueryError(f"{where}: features must be finite numbers (no NaN or infinity)")
+    if not all(math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in values):
+        raise _not_finite(where)
     return values
+
+
+def _one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped (a codec's error may quote them)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _not_finite(where: str) -> QueryError:
+    return QueryError(f"{where}: features must be finite float32 numbers (no NaN or infinity, |x| <= 3.4e38)")
 
 
 def response_type(accept: str | None) -> MediaType:
