@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import BmpImagePlugin, Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import (
     ImageCorruptError,
@@ -66,65 +66,10 @@ Image.MAX_IMAGE_PIXELS = DEFAULT_POLICY.max_pixels
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-class _BmpRleDecoder(BmpImagePlugin.BmpRleDecoder):
-    """Pillow's RLE4/RLE8 BMP decoder (pure Python) without its two per-pixel loops.
-
-    Pillow pads each end-of-line escape one byte per loop turn and expands 4-bit runs one pixel
-    per turn, so a 1.5 KB BMP claiming 5,000,000 x 12 pixels (inside the pixel limit) took 7 s of
-    CPU to decode (found by benchmarks/fuzz.py). Same output, in bulk; registered for "bmp_rle".
-    """
-
-    def decode(self, buffer):
-        rle4 = self.args[1]
-        data = bytearray()
-        x = 0
-        width = self.state.xsize
-        dest_length = width * self.state.ysize
-        while len(data) < dest_length:
-            pixels = self.fd.read(1)
-            byte = self.fd.read(1)
-            if not pixels or not byte:
-                break
-            num_pixels = pixels[0]
-            if num_pixels:  # encoded mode: a run
-                num_pixels = min(num_pixels, max(0, width - x))
-                pair = bytes((byte[0] >> 4, byte[0] & 0x0F)) if rle4 else byte * 2
-                data += (pair * ((num_pixels + 1) // 2))[:num_pixels]
-                x += num_pixels
-            elif byte[0] == 0:  # end of line
-                data += bytes(-len(data) % width)
-                x = 0
-            elif byte[0] == 1:  # end of bitmap
-                break
-            elif byte[0] == 2:  # delta
-                bytes_read = self.fd.read(2)
-                if len(bytes_read) < 2:
-                    break
-                right, up = bytes_read
-                data += bytes(min(dest_length - len(data), right + up * width))
-                x = len(data) % width
-            else:  # absolute mode
-                data_count = min(dest_length - len(data), byte[0])
-                byte_count = (data_count + 1) // 2 if rle4 else data_count
-                bytes_read = self.fd.read(byte_count)
-                if rle4:
-                    for i, byte_read in enumerate(bytes_read):
-                        data.append(byte_read >> 4)
-                        if i * 2 + 1 < data_count:
-                            data.append(byte_read & 0x0F)
-                else:
-                    data += bytes_read
-                if len(bytes_read) < byte_count or len(data) == dest_length:
-                    break
-                x += byte[0]
-                if self.fd.tell() % 2 != 0:  # align to a 16-bit word
-                    self.fd.seek(1, os.SEEK_CUR)
-        rawmode = "L" if self.mode in {"1", "L"} else "P"
-        self.set_as_raw(bytes(data), rawmode, (0, self.args[-1]))
-        return -1, 0
-
-
-Image.register_decoder("bmp_rle", _BmpRleDecoder)
+# Pillow decodes RLE-compressed BMP in pure Python, one escape code per loop turn: a tiny file that
+# claims millions of pixels (inside the pixel limit) takes seconds (found by benchmarks/fuzz.py).
+# Such files are refused above this size; real RLE bitmaps are small.
+RLE_BMP_MAX_PIXELS = 4_000_000
 
 
 def describe(source: object) -> str:
@@ -208,6 +153,10 @@ def _decode(fp, name: str, policy: ImagePolicy, draft_size: int | None) -> Image
             if img.format not in ALLOWED_FORMATS:
                 raise ImageFormatError(f"{name}: format {img.format} is not allowed", subject=name)
             _check_pixels(img.width, img.height, name, policy)
+            if img.format == "BMP" and img.info.get("compression") in (1, 2) and img.width * img.height > RLE_BMP_MAX_PIXELS:
+                raise ImageTooLargeError(
+                    f"{name}: run-length-compressed BMP of {img.width}x{img.height} is over the "
+                    f"{RLE_BMP_MAX_PIXELS}-pixel limit for that encoding", subject=name)
             if draft_size and img.format == "JPEG":
                 short = min(img.size)
                 if short >= 2 * draft_size:
