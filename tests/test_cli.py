@@ -93,6 +93,11 @@ def test_fashion_leave_one_out_precision(tmp_path):
     result = json.loads(run("evaluate", tmp_path / "f", FASHION / "items.csv", "--json").stdout)
     assert result["queries"] == 2000 and result["left_out_self"] == 2000
     assert result["precision@1"] >= 0.68, result
+    # the same protocol without a query catalog: every item of the index against the others
+    loo = json.loads(run("evaluate", tmp_path / "f", "--leave-one-out", "--json").stdout)
+    assert {k: loo[k] for k in ("recall@1", "recall@5", "precision@1", "mAP", "queries", "left_out_self")} == {
+        k: result[k] for k in ("recall@1", "recall@5", "precision@1", "mAP", "queries", "left_out_self")}
+    print("fashion leave-one-out:", loo)
 
 
 BAD_CASES = {
@@ -103,6 +108,8 @@ BAD_CASES = {
     "unknown metric": (["build", "{sample}", "-o", "{tmp}/o", "--metric", "cosinus"], "invalid choice"),
     "unknown kind": (["build", "{sample}", "-o", "{tmp}/o", "--index", "lsh"], "invalid choice"),
     "k < 1": (["search", "{index}", "{query}", "-k", "0"], "must be at least 1"),
+    "queries and --leave-one-out": (["evaluate", "{index}", "{sample}", "--leave-one-out"], "not both"),
+    "neither queries nor --leave-one-out": (["evaluate", "{index}"], "leave_one_out=True"),
     "bad image": (["search", "{index}", "{garbage}"], "not a recognised image"),
     "missing query": (["search", "{index}", "{tmp}/missing.jpg"], "does not exist"),
     "not an index": (["search", "{tmp}", "{query}"], "not a lookalike index"),

@@ -190,7 +190,8 @@ def cmd_evaluate(args) -> int:
         ks = [int(k) for k in str(args.k).split(",") if k.strip()]
     except ValueError:
         raise LookalikeError(f"-k must be a comma-separated list of whole numbers, got {args.k!r}") from None
-    result = vs.evaluate(args.queries, label=args.label, ks=ks, progress=_progress_factory(args))
+    result = vs.evaluate(args.queries, label=args.label, ks=ks, leave_one_out=args.leave_one_out,
+                         progress=_progress_factory(args))
     if args.json:
         _print_json(result)
         return 0
@@ -350,7 +351,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", parents=[common], help="recall@k, precision@1 and mAP of a query catalog")
     p.add_argument("index_dir")
-    p.add_argument("queries", help="a query catalog (same formats as build) with a label column")
+    p.add_argument("queries", nargs="?", help="a query catalog (same formats as build) with a label column")
+    p.add_argument("--leave-one-out", action="store_true", help="query with every item of the index against the others")
     p.add_argument("--label", default="label", help="the field a correct match shares (default label)")
     p.add_argument("-k", default="1,5,10", help="comma-separated k values for recall@k (default 1,5,10)")
     p.set_defaults(func=cmd_evaluate)

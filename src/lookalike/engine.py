@@ -413,22 +413,30 @@ class VisualSearch:
 
     def evaluate(
         self,
-        queries: str | os.PathLike | Sequence[Item],
+        queries: str | os.PathLike | Sequence[Item] | None = None,
         *,
         label: str = "label",
         ks: Sequence[int] = (1, 5, 10),
+        leave_one_out: bool = False,
         progress: bool | ProgressFactory | None = None,
     ) -> dict[str, Any]:
         """Recall@k, precision@1 and mAP (full ranking) of a query catalog against this index.
 
         A hit is a neighbour whose metadata ``label`` equals the query's. A query that is itself
         in the index (same id and image) is left out of its own ranking (leave-one-out), and its
-        stored vector is used instead of featurizing it again.
+        stored vector is used instead of featurizing it again. ``leave_one_out=True`` (and no
+        ``queries``) makes every item of the index a query against the others.
         """
         ks = sorted({int(k) for k in ks})
         if not ks or ks[0] < 1:
             raise QueryError(f"k values must be >= 1, got {list(ks)}")
-        items = _items(queries)
+        if leave_one_out == (queries is not None):
+            raise QueryError("give a query catalog, or leave_one_out=True to query the index with its own items; not both")
+        if leave_one_out:
+            items = [Item(id=id_, image=image or "", label=lab, metadata=meta, row=f"item {id_!r}")
+                     for _, id_, lab, image, meta in self._items.all_rows()]
+        else:
+            items = _items(queries)
         if any(it.metadata.get(label) is None for it in items):
             missing = next(it for it in items if it.metadata.get(label) is None)
             raise CatalogError(f"{missing.row}: query {missing.id!r} has no {label!r}", subject=missing.id)
