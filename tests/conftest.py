@@ -5,11 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,6 +15,9 @@ DATA = Path(os.environ.get("LOOKALIKE_DATA", ROOT.parent / "shared" / "data"))
 SAMPLE = ROOT / "src" / "lookalike" / "data" / "sample"
 COIL = DATA / "coil-100"
 FASHION = DATA / "fashion-products-2000"
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from live_service import Service  # noqa: E402  (shared with the benchmarks)
 
 
 def pytest_configure(config):
@@ -54,45 +53,11 @@ def coil_index(tmp_path_factory):
     return path
 
 
-class Server:
-    """A real `lookalike serve` process on a free localhost port."""
+class Server(Service):
+    """A real `lookalike serve` process on a free localhost port (access log on, key only if given)."""
 
     def __init__(self, index_dir: Path, *extra: str, env: dict[str, str] | None = None):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.index_dir = Path(index_dir)
-        self.log = open(self.index_dir.parent / f"serve-{self.port}.log", "w+")
-        cmd = [sys.executable, "-m", "lookalike.cli", "serve", str(index_dir), "--port", str(self.port), *extra]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"lookalike serve exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"lookalike serve did not become ready in 120 s:\n{self.output()}")
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        super().__init__(index_dir, *extra, api_key=(env or {}).get("LOOKALIKE_API_KEY"), quiet=False)
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import COIL, DATA, FASHION, SAMPLE, tree_digest, write_csv
-from lookalike.store import IndexDir
+from conftest import COIL, FASHION, SAMPLE, tree_digest, write_csv
 from lookalike import (
     CatalogError,
     Hit,
@@ -23,6 +22,7 @@ from lookalike import (
     StoreError,
     VisualSearch,
 )
+from lookalike.store import IndexDir
 
 QUERY = SAMPLE / "queries" / "jeans-18193.jpg"
 

@@ -11,7 +11,6 @@ import sys
 import threading
 
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
 

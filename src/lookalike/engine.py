@@ -300,6 +300,12 @@ class VisualSearch:
                 return [[] for _ in range(len(vectors))]
         scores, distances, int_ids = self._index.search(vectors, k, subset=subset)
         rows = self._items.rows(np.unique(int_ids))
+        if len(rows) < len(np.unique(int_ids[int_ids >= 0])):
+            raise StoreError(
+                f"{self.path}: this reader is on generation {self.generation}, which other processes have changed "
+                "too often since; call refresh() or open the index again",
+                subject=str(self.path),
+            )
         out = []
         for q in range(len(vectors)):
             hits = []

@@ -46,6 +46,9 @@ MANIFEST = "lookalike.json"
 ITEMS_DB = "items.sqlite"
 LOCK = ".lock"
 LOCK_TIMEOUT = 10.0
+# Rows of removed items stay this many generations, so a reader that has not yet switched to the
+# newest generation (a service checks once a second) still finds every item its index returns.
+KEEP_REMOVED_ROWS = 1000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -475,8 +478,8 @@ class IndexDir:
                     p.unlink()
         conn = sqlite3.connect(self.path / ITEMS_DB, timeout=30)
         try:
-            with conn:
-                conn.execute("DELETE FROM items WHERE removed_gen IS NOT NULL AND removed_gen < ?", (gen,))
+            with conn:  # readers still on an older generation look these rows up: keep recent ones
+                conn.execute("DELETE FROM items WHERE removed_gen IS NOT NULL AND removed_gen < ?", (gen - KEEP_REMOVED_ROWS,))
         finally:
             conn.close()
 
