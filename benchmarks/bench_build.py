@@ -41,39 +41,16 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_usage import Timer  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 3.0
 TARGET_RATE = 60.0
 EAGER_BATCH = 32
 MODEL = "efficientnet-lite0"
 
-# --- how busy the rest of the machine was ------------------------------------------------
-
-_HZ = os.sysconf("SC_CLK_TCK")
-
-
-def _machine_busy() -> int:
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return sum(v[:8]) - v[3] - v[4]  # all but idle and iowait, in clock ticks
-
-
-def _own_cpu() -> float:
-    t = os.times()
-    return (t.user + t.system) * _HZ
-
-
-class Timer:
-    """Wall time of a block, and the share of the machine's CPUs used by other processes meanwhile."""
-
-    def __enter__(self) -> "Timer":
-        self._busy, self._own, self._t0 = _machine_busy(), _own_cpu(), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.seconds = time.perf_counter() - self._t0
-        others = (_machine_busy() - self._busy) - (_own_cpu() - self._own)
-        self.others = max(0.0, others / _HZ / (self.seconds * (os.cpu_count() or 1)))
+# --- how busy the rest of the machine was: benchmarks/cpu_usage.py --------------------------
 
 
 def _settle() -> None:

@@ -38,7 +38,6 @@ import os
 import platform
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_usage import HZ, machine_busy, own_cpu  # noqa: E402
+from live_service import Service  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "src" / "lookalike" / "data" / "sample"
@@ -65,23 +68,9 @@ CAMERA_EVERY_MS = 50
 
 # --- how busy the machine was ----------------------------------------------------------------
 
-_HZ = os.sysconf("SC_CLK_TCK")
-
-
-def _machine_busy() -> int:
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return sum(v[:8]) - v[3] - v[4]  # all but idle and iowait, in clock ticks
-
-
-def _own_cpu() -> float:
-    t = os.times()
-    return (t.user + t.system) * _HZ
-
-
 def _children_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (r.ru_utime + r.ru_stime) * _HZ
+    return (r.ru_utime + r.ru_stime) * HZ
 
 
 def _tree_cpu(root: int) -> float:
@@ -114,7 +103,7 @@ class Usage:
 
     def _sample(self) -> tuple[float, float, float, float, float]:
         watched = _tree_cpu(self.watch) if self.watch else 0.0
-        return time.perf_counter(), _machine_busy(), _own_cpu(), _children_cpu(), watched
+        return time.perf_counter(), machine_busy(), own_cpu(), _children_cpu(), watched
 
     def __enter__(self) -> "Usage":
         self._start = self._sample()
@@ -125,7 +114,7 @@ class Usage:
         t0, busy0, own0, kids0, watched0 = self._start
         t1, busy1, own1, kids1, watched1 = end
         self.seconds = t1 - t0
-        wall_ticks = self.seconds * _HZ
+        wall_ticks = self.seconds * HZ
         self.own_cores = (own1 - own0) / wall_ticks
         self.child_cores = (kids1 - kids0) / wall_ticks  # children that were waited for in the block
         self.watched_cores = (watched1 - watched0) / wall_ticks
@@ -209,51 +198,6 @@ def in_process(vs, query, seconds: float, min_runs: int = 20) -> dict:
             vs.search(query, k=K)
             ms.append((time.perf_counter() - t0) * 1000)
     return {"runs": len(ms), "per_s": len(ms) / u.seconds, **_percentiles(ms), "others": u.others}
-
-
-class Service:
-    """``lookalike serve`` in a subprocess on a free port, ready when /readyz says 200."""
-
-    def __init__(self, index: Path, log: Path, workers: int = 1, timeout: float = 180):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log
-        exe = Path(sys.executable).with_name("lookalike")
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lookalike.cli"]
-        cmd += ["serve", str(index), "--port", str(self.port), "--workers", str(workers), "--quiet"]
-        self.log = open(log, "w+")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        import httpx
-
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"lookalike serve exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    self.start_seconds = time.perf_counter() - t0
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"lookalike serve was not ready within {timeout:.0f} s:\n{self.output()}")
-
-    def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text()[-3000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 def load(url: str, body: bytes, headers: dict[str, str], clients: int, seconds: float, server_pid: int) -> dict:
@@ -393,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             f"({base_jpeg['per_s']:.1f}/s one at a time, others {100 * base_jpeg['others']:.0f}%; top hit {top})")
 
         body, headers = multipart(jpeg)
-        service = Service(work / "index", work / "serve.log", workers=args.workers)
+        service = Service(work / "index", "--workers", str(args.workers), log_dir=work, timeout=180)
         phases = []
         try:
             import httpx

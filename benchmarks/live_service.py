@@ -15,7 +15,7 @@ class Service:
     """``lookalike serve INDEX`` on a free localhost port, ready when GET /readyz answers 200."""
 
     def __init__(self, index_dir: Path | str, *extra: str, api_key: str | None = None, log_dir: Path | None = None,
-                 quiet: bool = True):
+                 quiet: bool = True, timeout: float = 120):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -30,18 +30,19 @@ class Service:
                *(["--quiet"] if quiet else []), *extra]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.pid = self.proc.pid
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        t0 = time.monotonic()
+        while time.monotonic() < t0 + timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"lookalike serve exited with {self.proc.returncode}:\n{self.output()}")
             try:
                 with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
                     if r.status == 200:
+                        self.start_seconds = time.monotonic() - t0
                         return
             except OSError:
                 time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"lookalike serve did not become ready in 120 s:\n{self.output()}")
+        raise RuntimeError(f"lookalike serve did not become ready in {timeout:.0f} s:\n{self.output()}")
 
     def output(self) -> str:
         self.log.flush()

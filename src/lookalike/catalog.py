@@ -23,7 +23,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import CatalogError
+from .errors import CatalogError, one_line
 from .images import IMAGE_SUFFIXES, is_url
 from .types import Item
 
@@ -113,7 +113,7 @@ def _jsonl_rows(path: Path):
                 except json.JSONDecodeError as exc:
                     raise CatalogError(f"{path}:{line_no}: not valid JSON ({exc.msg})", subject=str(path)) from exc
                 except (ValueError, RecursionError) as exc:  # an integer over 4300 digits; nesting too deep
-                    raise CatalogError(f"{path}:{line_no}: not valid JSON ({_one_line(exc)})", subject=str(path)) from exc
+                    raise CatalogError(f"{path}:{line_no}: not valid JSON ({one_line(exc)})", subject=str(path)) from exc
                 if not isinstance(row, dict):
                     raise CatalogError(f"{path}:{line_no}: each line must be a JSON object", subject=str(path))
                 if "\\u" in line and not _is_unicode(row):  # "\ud800": valid JSON, not valid text
@@ -135,12 +135,12 @@ def _parquet_rows(path: Path):
         table = pq.read_table(path)
         columns = table.column_names  # UnicodeDecodeError for a name that is not UTF-8
     except Exception as exc:  # pyarrow raises many types for a bad file
-        raise CatalogError(f"{path}: not a readable Parquet file ({_one_line(exc)})", subject=str(path)) from exc
+        raise CatalogError(f"{path}: not a readable Parquet file ({one_line(exc)})", subject=str(path)) from exc
     _require_image_column(columns, path)
     try:
         rows = table.to_pylist()
     except (ValueError, ArithmeticError) as exc:  # e.g. a date past year 9999, invalid UTF-8
-        raise CatalogError(f"{path}: holds a value that cannot be read ({_one_line(exc)})", subject=str(path)) from exc
+        raise CatalogError(f"{path}: holds a value that cannot be read ({one_line(exc)})", subject=str(path)) from exc
     for i, row in enumerate(rows, start=1):
         yield f"{path}:row {i}", row
 
@@ -162,7 +162,7 @@ def _text_rows(path: Path):
 
 def _require_image_column(columns, path: Path, where: str | None = None) -> None:
     if "image" not in columns:
-        have = _one_line(", ".join(map(str, columns))) or "none"
+        have = one_line(", ".join(map(str, columns))) or "none"
         raise CatalogError(f"{where or path}: no 'image' column (columns: {have})", subject=str(path))
 
 
@@ -180,7 +180,7 @@ def _items_from_rows(rows, manifest: Path) -> list[Item]:
             try:
                 urllib.parse.urlsplit(image)
             except ValueError as exc:  # e.g. "http://[abc/x.jpg": Invalid IPv6 URL
-                raise CatalogError(f"{where}: 'image' is not a valid URL ({_one_line(exc)})", subject=where) from exc
+                raise CatalogError(f"{where}: 'image' is not a valid URL ({one_line(exc)})", subject=where) from exc
         else:
             image = str((base / image).resolve()) if not os.path.isabs(image) else image
         item_id = row.get("id")
@@ -196,11 +196,6 @@ def _items_from_rows(rows, manifest: Path) -> list[Item]:
             Item(id=item_id, image=image, label=None if label is None else str(label), metadata=metadata, row=where)
         )
     return items
-
-
-def _one_line(text: object) -> str:
-    """``text`` for a one-line message: line breaks and other control characters escaped."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def _is_unicode(value: Any) -> bool:

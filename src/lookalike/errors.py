@@ -20,6 +20,11 @@ Each error carries the input it is about (``.subject``) so front ends can show i
 from __future__ import annotations
 
 
+def one_line(text: object) -> str:
+    """``text`` for a one-line message: line breaks and other control characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 class LookalikeError(Exception):
     """Base class of every error lookalike raises on purpose."""
 

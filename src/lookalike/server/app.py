@@ -136,7 +136,6 @@ _STATUS: list[tuple[type, int, str]] = [
     (ImageFetchError, 400, "image URL refused or unreachable"),
     (ImageNotFoundError, 400, "image not found"),
     (ImageError, 422, "unusable image"),
-    (sagemaker.UnsupportedMediaType, 415, "unsupported media type"),
     (QueryError, 422, "invalid query"),
     (CatalogError, 422, "invalid item"),
     (IndexBusyError, 409, "index busy"),

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import QueryError
+from ..errors import QueryError, one_line
 
 REQUEST_TYPES = ("text/csv", "application/json", "application/jsonlines")
 RESPONSE_TYPES = ("application/json", "application/jsonlines")
@@ -74,7 +74,7 @@ def parse_request(body: bytes, content_type: str | None) -> np.ndarray:
         text = body.decode(media.params.get("charset", "utf-8"))
     except (UnicodeError, LookupError) as exc:  # UnicodeError: e.g. charset=undefined or idna
         charset = media.params.get("charset", "utf-8")
-        raise QueryError(_one_line(f"request body is not {charset} text ({exc})")) from None
+        raise QueryError(one_line(f"request body is not {charset} text ({exc})")) from None
     if media.type == "text/csv":
         rows = [_csv_row(line, n) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
     elif media.type == "application/json":
@@ -133,11 +133,6 @@ def _finite(values: list[float], where: str) -> list[float]:
     if not all(math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in values):
         raise _not_finite(where)
     return values
-
-
-def _one_line(text: str) -> str:
-    """``text`` with line breaks and other control characters escaped (a codec's error may quote them)."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _not_finite(where: str) -> QueryError:
