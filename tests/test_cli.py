@@ -48,6 +48,7 @@ def test_build_search_info_from_the_command_line(tmp_path):
     info = json.loads(run("info", out, "--json").stdout)
     assert info["model"] == "efficientnet-lite0" and info["metric"] == "cosine" and info["index"] == "flat"
     assert info["dim"] == 1280 and info["count"] == 300 and info["size_bytes"] > 300 * 1280 * 4
+    assert info["features"] == {"pooling": "avg", "tta": "flip"} and info["preprocessing"]["crop_pct"] == 1.0
     text = run("info", out, "--verify").stdout
     for word in ("efficientnet-lite0", "cosine", "flat", "1280", "300", "size on disk", "verify:         ok"):
         assert word in text
@@ -98,6 +99,18 @@ def test_fashion_leave_one_out_precision(tmp_path):
     assert {k: loo[k] for k in ("recall@1", "recall@5", "precision@1", "mAP", "queries", "left_out_self")} == {
         k: result[k] for k in ("recall@1", "recall@5", "precision@1", "mAP", "queries", "left_out_self")}
     print("fashion leave-one-out:", loo)
+    expanded = json.loads(run("evaluate", tmp_path / "f", "--leave-one-out", "--expand", "2", "--json").stdout)
+    assert expanded["queries"] == 2000 and expanded["mAP"] != loo["mAP"]
+    print("fashion leave-one-out, --expand 2:", expanded)
+
+
+def test_build_options_say_how_features_are_made(tmp_path):
+    run("build", SAMPLE / "catalog.csv", "-o", tmp_path / "plain", "-q", "--tta", "none", "--crop-pct", "0.875",
+        "--pooling", "gem")
+    assert "features:       gem pooling, crop 0.875, flip off" in run("info", tmp_path / "plain").stdout
+    jeans = SAMPLE / "queries" / "jeans-18193.jpg"
+    hits = json.loads(run("search", tmp_path / "plain", jeans, "-k", "3", "--expand", "2", "--json").stdout)
+    assert len(hits[0]["hits"]) == 3 and all(h["metadata"]["label"] == "Jeans" for h in hits[0]["hits"])
 
 
 BAD_CASES = {
@@ -116,6 +129,10 @@ BAD_CASES = {
     "remove unknown": (["remove", "{index}", "no-such-id"], "no item with id 'no-such-id'"),
     "add duplicate": (["add", "{index}", "{sample}"], "already in the index"),
     "existing output": (["build", "{sample}", "-o", "{index}"], "pass --force"),
+    "crop beyond the picture": (["build", "{sample}", "-o", "{tmp}/o", "--crop-pct", "1.5"], "crop_pct must be a number"),
+    "unknown pooling": (["build", "{sample}", "-o", "{tmp}/o", "--pooling", "max"], "invalid choice"),
+    "negative expand": (["search", "{index}", "{query}", "--expand", "-1"], "must be 0 or more"),
+    "expand too far": (["evaluate", "{index}", "--leave-one-out", "--expand", "99"], "from 0 to 50"),
 }
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import COIL, FASHION, SAMPLE, tree_digest, write_csv
+from conftest import COIL, DATA, FASHION, SAMPLE, tree_digest, write_csv
 from lookalike import (
     CatalogError,
     Hit,
@@ -281,3 +281,41 @@ def test_array_and_pil_inputs_of_every_mode(sample_index):
     inputs.append(buf.getvalue())
     for r in vs.search(inputs, k=1):
         assert r.hits and r.hits[0].score > 0.5
+
+
+def test_query_expansion_is_the_query_plus_its_weighted_neighbours(sample_index, coil_index):
+    from lookalike.engine import QE_ALPHA
+
+    vs = VisualSearch.open(sample_index)
+    assert vs.info()["features"] == {"pooling": "avg", "tta": "flip"}  # the build defaults, recorded
+    q = vs.featurize(QUERY)[0]
+    q = q / np.linalg.norm(q)
+    first = vs.search(q, k=2)
+    neighbours = np.stack([vs._index.vectors_of(np.array([vs._items.int_ids([h.id])[h.id]]))[0] for h in first.hits])
+    weights = np.array([h.score for h in first.hits]) ** QE_ALPHA
+    expanded = q + weights @ neighbours
+    expanded /= np.linalg.norm(expanded)
+    plain_of_expanded = vs.search(expanded, k=10)
+    with_expand = vs.search(QUERY, k=10, expand=2)
+    assert [h.id for h in with_expand.hits] == [h.id for h in plain_of_expanded.hits]
+    np.testing.assert_allclose([h.score for h in with_expand.hits], [h.score for h in plain_of_expanded.hits], atol=1e-5)
+    # a filter holds for the neighbours that expand the query too
+    jeans = vs.search(QUERY, k=3, expand=3, filter={"label": "Jeans"})
+    assert jeans.hits and all(h.metadata["label"] == "Jeans" for h in jeans.hits)
+    for bad in (-1, 51, 1.5, True):
+        with pytest.raises(QueryError, match="expand must be a whole number from 0 to 50"):
+            vs.search(QUERY, expand=bad)
+
+    # evaluate: the query's own item never expands it (leave-one-out stays honest)
+    coil = VisualSearch.open(coil_index)
+    loo = coil.evaluate(leave_one_out=True, ks=[1, 5], expand=2)
+    assert loo["queries"] == 600 and loo["precision@1"] < 1.0
+    again = coil.evaluate(DATA / "coil-6view" / "queries.csv", ks=[1, 5], expand=2)
+    assert again["recall@1"] >= 0.95, again
+
+
+def test_query_expansion_needs_a_cosine_index(tmp_path):
+    vs = VisualSearch.build(SAMPLE / "catalog.csv", tmp_path / "l2", metric="l2", tta="none")
+    assert vs.info()["features"]["tta"] == "none"
+    with pytest.raises(QueryError, match="query expansion needs a cosine index"):
+        vs.search(QUERY, expand=1)

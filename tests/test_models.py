@@ -132,3 +132,60 @@ def test_cuda_without_a_gpu_is_a_clear_error():
     spec = get_spec("efficientnet-lite0")
     with pytest.raises(ModelError, match="no CUDA GPU"):
         Featurizer(spec, resolve_weights(spec), device="cuda")
+
+
+def test_feature_options_are_checked_and_default_to_the_whole_picture_with_flip():
+    from lookalike.models import DEFAULT_FEATURES, spec_from_manifest, with_features
+
+    spec = with_features(get_spec("efficientnet-lite0"))
+    assert (spec.crop_pct, spec.pooling, spec.tta) == (1.0, "avg", "flip") == tuple(DEFAULT_FEATURES.values())
+    assert spec.resize_size == 224 and spec.features() == {"pooling": "avg", "tta": "flip"}
+    plain = with_features(get_spec("efficientnet-lite0"), crop_pct=0.875, tta="none")
+    assert (plain.resize_size, plain.tta) == (256, "none")
+    for bad, message in [(dict(crop_pct=0.1), "crop_pct must be a number from 0.25"), (dict(crop_pct=True), "crop_pct"),
+                         (dict(pooling="max"), "unknown pooling 'max'"), (dict(tta="rotate"), "unknown tta 'rotate'")]:
+        with pytest.raises(ModelError, match=message):
+            with_features(get_spec("efficientnet-lite0"), **bad)
+    # an index written before feature options existed was made with average pooling and no flip
+    old = {"name": "efficientnet-lite0", "preprocessing": {"input_size": 224, "crop_pct": 0.875}}
+    assert spec_from_manifest(old).features() == {"pooling": "avg", "tta": "none"}
+    assert spec_from_manifest(dict(old, features=spec.features())).features() == spec.features()
+
+
+def test_flip_averages_the_picture_and_its_mirror_image(tmp_path, monkeypatch):
+    from lookalike.models import with_features
+
+    monkeypatch.setenv("LOOKALIKE_CACHE", str(tmp_path / "cache"))
+    square = _photo("chelsea").crop((0, 0, 300, 300))  # square: the mirror of the input is the input of the mirror
+    weights = resolve_weights(get_spec("efficientnet-lite0"))
+    plain = Featurizer(with_features(get_spec("efficientnet-lite0"), tta="none"), weights)
+    flip = Featurizer(with_features(get_spec("efficientnet-lite0"), tta="flip"), weights)
+    mirrored = square.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    a, b = plain.featurize([square, mirrored], strict=True).vectors
+    both = flip.featurize([square, mirrored, square], strict=True).vectors
+    np.testing.assert_allclose(both[0], (a + b) / 2, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(both[1], both[0], rtol=1e-4, atol=1e-5)  # a picture and its mirror: one vector
+    assert not np.allclose(a, b, atol=1e-3)
+
+
+def test_gem_pooling_exports_to_onnx_and_agrees_with_pytorch(tmp_path, monkeypatch):
+    import torch
+
+    from lookalike.models import with_features
+
+    monkeypatch.setenv("LOOKALIKE_CACHE", str(tmp_path / "cache"))
+    spec = with_features(get_spec("efficientnet-lite0"), pooling="gem", tta="none")
+    weights = resolve_weights(spec)
+    featurizer = Featurizer(spec, weights)
+    assert [p.name for p in (tmp_path / "cache" / "onnx").glob("*.onnx")][0].endswith("-gem-v2.onnx")
+    images = [_photo("chelsea"), _photo("coffee")]
+    onnx_vectors = featurizer.featurize(images, strict=True).vectors
+    with torch.no_grad():
+        pixels = torch.from_numpy(np.stack([featurizer.load(x) for x in images]))
+        torch_vectors = create_torch_model(spec, weights)(pixels).numpy()
+        feature_map = create_torch_model(get_spec("efficientnet-lite0"), weights).forward_features(pixels)
+    expected = feature_map.clamp(min=1e-6).pow(3).mean(dim=(2, 3)).pow(1 / 3).numpy()
+    np.testing.assert_allclose(torch_vectors, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(onnx_vectors, torch_vectors, rtol=2e-3, atol=2e-3)
+    avg = Featurizer(get_spec("efficientnet-lite0"), weights).featurize(images, strict=True).vectors
+    assert not np.allclose(avg, onnx_vectors, atol=1e-2)

@@ -116,6 +116,18 @@ def test_min_score_filter_and_k_larger_than_the_catalog(client):
     assert len(everything) == len(CATALOG)
 
 
+def test_query_expansion_answers_as_the_python_api_does(client, sample_index):
+    from lookalike import VisualSearch
+
+    expected = [h.id for h in VisualSearch.open(sample_index).search(JEANS, k=5, expand=3).hits]
+    by_query = upload(client, JEANS, k=5, expand=3)
+    by_form = client.post("/search", files=[("file", ("q.jpg", JEANS.read_bytes(), "image/jpeg"))], data={"k": "5", "expand": "3"})
+    by_json = client.post("/search", json={"image_base64": base64.b64encode(JEANS.read_bytes()).decode(), "k": 5, "expand": 3})
+    for r in (by_query, by_form, by_json):
+        assert r.status_code == 200, r.text
+        assert [h["id"] for h in r.json()["results"][0]["hits"]] == expected
+
+
 # --- /invocations --------------------------------------------------------------------------------
 
 
@@ -184,6 +196,8 @@ def test_bad_requests_get_4xx_json_and_the_service_keeps_answering(client, serve
         (upload(client, JEANS, k="abc"), 422, ""),
         (upload(client, JEANS, filter="gender=Women"), 422, "json object"),
         (upload(client, JEANS, min_score="nan"), 422, "finite"),
+        (upload(client, JEANS, expand=51), 422, ""),
+        (client.post("/search", json={"image_base64": "aGk=", "expand": "2"}), 422, "expand"),
         (client.post("/search", files=[("other", ("a.txt", b"hi", "text/plain"))]), 415, ""),
         (client.post("/search", data={"k": "3"}), 415, "multipart"),
         (client.post("/search", files=[("k", (None, "3"))]), 422, "no image"),

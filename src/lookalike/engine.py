@@ -30,9 +30,12 @@ from .evaluate import combine, per_query
 from .featurizer import Featurizer
 from .images import DEFAULT_POLICY, ImagePolicy, describe
 from .index import IndexWarning, VectorIndex, check_spec, check_vectors, prepare
-from .models import DEFAULT_MODEL, Weights, get_spec, resolve_weights, spec_from_manifest
+from .models import DEFAULT_MODEL, Weights, get_spec, resolve_weights, spec_from_manifest, with_features
 from .store import IndexDir, ItemTable
 from .types import Hit, IndexSpec, Item, ModelSpec, SearchResult
+
+QE_ALPHA = 3.0  # query expansion: a neighbour's weight is its score to the query ** QE_ALPHA
+MAX_EXPAND = 50
 
 ProgressFactory = Callable[[int], Any]  # total -> object with update(n) and close(), e.g. tqdm
 
@@ -124,14 +127,19 @@ class VisualSearch:
         force: bool = False,
         progress: bool | ProgressFactory | None = None,
         policy: ImagePolicy = DEFAULT_POLICY,
+        crop_pct: float | None = None,
+        pooling: str | None = None,
+        tta: str | None = None,
     ) -> "VisualSearch":
         """Featurize a catalog and write a new index directory at ``path``.
 
         Unreadable images are skipped and listed in ``.build_report`` (an error if ``strict``).
+        ``crop_pct``, ``pooling`` and ``tta`` say how features are made (None: the defaults of
+        ``models.DEFAULT_FEATURES``); the manifest records them and every query uses the same.
         """
         start = time.perf_counter()
         check_spec(index, metric)
-        spec = get_spec(model)
+        spec = with_features(get_spec(model), crop_pct=crop_pct, pooling=pooling, tta=tta)
         items = _items(catalog)
         _check_target(Path(path), force)
         resolved = resolve_weights(spec, weights)
@@ -258,20 +266,30 @@ class VisualSearch:
         sources, _ = self._as_list(queries)
         return self._vectors(sources)
 
-    def search(self, queries: Any, k: int = 5, filter: dict[str, Any] | None = None, min_score: float | None = None):
+    def search(
+        self,
+        queries: Any,
+        k: int = 5,
+        filter: dict[str, Any] | None = None,
+        min_score: float | None = None,
+        expand: int = 0,
+    ):
         """The k most similar items of each query, most similar first.
 
         ``queries``: a path, URL, bytes, PIL image, HxWx3 array or feature vector, or a list
         of them. Returns a SearchResult for one query, a list of them for a list.
         ``filter``: metadata equality (a list value means any of), applied inside the search.
         ``min_score``: hits scoring below it are dropped, so "nothing like it" is an empty list.
+        ``expand``: query expansion over that many nearest items (0 = off); the scores are then
+        similarities to the expanded query.
         """
         _check_k(k)
+        _check_expand(expand)
         if min_score is not None and not (isinstance(min_score, (int, float)) and math.isfinite(min_score)):
             raise QueryError(f"min_score must be a finite number, got {min_score!r}")
         sources, single = self._as_list(queries)
         vectors = self._vectors(sources)
-        found = self._search_vectors(vectors, k, filter)
+        found = self._search_vectors(vectors, k, filter, expand)
         if min_score is not None:
             found = [[h for h in hits if h.score >= min_score] for hits in found]
         results = [SearchResult(q, hits) for q, hits in zip(self._names(sources), found)]
@@ -290,7 +308,9 @@ class VisualSearch:
         """The committed generation this object reads (it grows with every add and remove)."""
         return int(self.manifest["generation"])
 
-    def _search_vectors(self, vectors: np.ndarray, k: int, filter: dict[str, Any] | None) -> list[list[Hit]]:
+    def _search_vectors(
+        self, vectors: np.ndarray, k: int, filter: dict[str, Any] | None, expand: int = 0
+    ) -> list[list[Hit]]:
         subset = None
         if filter:
             if not isinstance(filter, dict):
@@ -298,6 +318,8 @@ class VisualSearch:
             subset = self._items.matching(filter)
             if len(subset) == 0:
                 return [[] for _ in range(len(vectors))]
+        if expand:
+            vectors = self._expanded(vectors, expand, subset=subset)
         scores, distances, int_ids = self._index.search(vectors, k, subset=subset)
         rows = self._items.rows(np.unique(int_ids))
         if len(rows) < len(np.unique(int_ids[int_ids >= 0])):
@@ -314,6 +336,26 @@ class VisualSearch:
                 hits.append(Hit(r, id_, float(s), float(d), metadata, image))
             out.append(hits)
         return out
+
+    def _expanded(
+        self, vectors: np.ndarray, n: int, subset: np.ndarray | None = None, exclude: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Alpha query expansion: each query plus its ``n`` nearest items, weighted by score ** QE_ALPHA.
+
+        (Radenovic et al., "Fine-tuning CNN image retrieval with no human annotation", 2018.)
+        ``exclude`` gives, per query, an int id that must not take part (the query's own item).
+        """
+        if self.metric != "cosine":
+            raise QueryError(f"query expansion needs a cosine index; {self.path} uses {self.metric}")
+        q = prepare(vectors, "cosine")
+        scores, _, ids = self._index.search(q, n + (exclude is not None), subset=subset)
+        use = ids >= 0
+        if exclude is not None:
+            use &= ids != np.asarray(exclude)[:, None]
+        use &= np.cumsum(use, axis=1) <= n
+        weights = np.where(use, np.clip(scores, 0.0, 1.0) ** QE_ALPHA, 0.0).astype(np.float32)
+        neighbours = self._index.vectors_of(np.where(ids >= 0, ids, self._index.ids[0] if len(self._index) else 0))
+        return prepare(q + np.einsum("qn,qnd->qd", weights, neighbours), "cosine")
 
     def classify(self, queries: Any, k: int = 5, label: str = "label"):
         """Majority ``label`` among each query's k neighbours (ties: the larger summed score)."""
@@ -424,6 +466,7 @@ class VisualSearch:
         label: str = "label",
         ks: Sequence[int] = (1, 5, 10),
         leave_one_out: bool = False,
+        expand: int = 0,
         progress: bool | ProgressFactory | None = None,
     ) -> dict[str, Any]:
         """Recall@k, precision@1 and mAP (full ranking) of a query catalog against this index.
@@ -433,6 +476,7 @@ class VisualSearch:
         stored vector is used instead of featurizing it again. ``leave_one_out=True`` (and no
         ``queries``) makes every item of the index a query against the others.
         """
+        _check_expand(expand)
         ks = sorted({int(k) for k in ks})
         if not ks or ks[0] < 1:
             raise QueryError(f"k values must be >= 1, got {list(ks)}")
@@ -487,7 +531,8 @@ class VisualSearch:
         n_all = len(self._index)
         for s in range(0, len(qs), 256):
             chunk = qs[s:s + 256]
-            _, _, ranked = self._index.search(vectors[chunk], n_all)
+            queries = self._expanded(vectors[chunk], expand, exclude=self_ids[chunk]) if expand else vectors[chunk]
+            _, _, ranked = self._index.search(queries, n_all)
             ranked_labels = np.vectorize(int_to_label.get, otypes=[object])(ranked) if ranked.size else ranked
             query_labels = np.array([items[q].metadata[label] for q in chunk], dtype=object)
             relevant = ranked_labels == query_labels[:, None]
@@ -524,6 +569,7 @@ class VisualSearch:
             "generation": int(m["generation"]),
             "size_bytes": self._store.disk_size(),
             "preprocessing": m["model"].get("preprocessing", {}),
+            "features": self.spec.features(),
             "created_at": m.get("created_at"),
             "updated_at": m.get("updated_at"),
             "format_version": m["format_version"],
@@ -576,8 +622,14 @@ def _model_entry(spec: ModelSpec, weights: Weights, featurizer: Featurizer) -> d
         "weights": weights.to_dict(),
         "dim": featurizer.dim,
         "preprocessing": spec.preprocessing(),
+        "features": spec.features(),
         "runtime": featurizer.runtime,
     }
+
+
+def _check_expand(expand: Any) -> None:
+    if isinstance(expand, bool) or not isinstance(expand, (int, np.integer)) or not 0 <= expand <= MAX_EXPAND:
+        raise QueryError(f"expand must be a whole number from 0 to {MAX_EXPAND}, got {expand!r}", subject=expand)
 
 
 def _check_k(k: Any) -> None:

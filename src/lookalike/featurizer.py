@@ -126,11 +126,22 @@ class Featurizer:
         return preprocess(img, self.spec)
 
     def run(self, pixels: np.ndarray) -> np.ndarray:
-        """Run the model on a preprocessed batch [n, 3, H, W] -> float32 [n, dim]."""
+        """Run the model on a preprocessed batch [n, 3, H, W] -> float32 [n, dim].
+
+        With ``tta`` = ``flip`` the image and its mirror image go through the model in one batch
+        and the vector is the mean of their two vectors.
+        """
+        n = len(pixels)
+        if self.spec.tta == "flip" and n:
+            pixels = np.concatenate([pixels, pixels[..., ::-1]])
         if self.device == "cpu":  # an ONNX Runtime session may be run from several threads at once
-            return self._runtime.run(pixels)
-        with self._lock:
-            return self._runtime.run(pixels)
+            out = self._runtime.run(pixels)
+        else:
+            with self._lock:
+                out = self._runtime.run(pixels)
+        if self.spec.tta == "flip" and n:
+            out = (out[:n] + out[n:]) * np.float32(0.5)
+        return out
 
     def featurize(
         self,
@@ -185,7 +196,7 @@ class Featurizer:
             errs = [(i, err) for i, _, err in done if err is not None]
             if not indices:
                 return indices, np.zeros((0, self.dim), np.float32), errs
-            return indices, self._runtime.run(np.stack([a for _, a, err in done if err is None])), errs
+            return indices, self.run(np.stack([a for _, a, err in done if err is None])), errs
 
         starts = iter(range(0, len(sources), CPU_CHUNK))
         with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="lookalike-featurize") as pool:
@@ -288,9 +299,10 @@ class _TorchCudaRuntime:
 
 
 def onnx_path(spec: ModelSpec, weights: Weights) -> Path:
-    """Where the exported model is cached: keyed by model, weights hash, input size, export version."""
+    """Where the exported model is cached: keyed by model, weights hash, input size, pooling, export version."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in spec.name)
-    key = f"{safe}-{weights.sha256[:16]}-{spec.input_size}px-v{EXPORT_VERSION}.onnx"
+    pooling = "" if spec.pooling == "avg" else f"-{spec.pooling}"
+    key = f"{safe}-{weights.sha256[:16]}-{spec.input_size}px{pooling}-v{EXPORT_VERSION}.onnx"
     return cache_dir() / "onnx" / key
 
 

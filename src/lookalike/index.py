@@ -192,6 +192,13 @@ class VectorIndex:
 
     # --- searching -----------------------------------------------------------------------
 
+    def vectors_of(self, int_ids: np.ndarray) -> np.ndarray:
+        """The stored (prepared) vectors of these int ids, in their shape + [dim]; all must exist."""
+        int_ids = np.asarray(int_ids, dtype=np.int64)
+        order = np.argsort(self.ids, kind="stable")  # ids grow with every add, so this is cheap
+        pos = order[np.searchsorted(self.ids, int_ids.ravel(), sorter=order)]
+        return self.vectors[pos].reshape(*int_ids.shape, self.dim)
+
     def search(self, queries: np.ndarray, k: int, subset: np.ndarray | None = None):
         """Return (scores, distances, int_ids), each [n_queries, k'], most similar first.
 

@@ -29,6 +29,15 @@ from .types import ModelSpec
 
 DEFAULT_MODEL = "efficientnet-lite0"
 
+# How `build` makes features unless told otherwise (benchmarks/retrieval.py measures the choices):
+# the whole picture rather than the model's ImageNet centre crop (a catalog photo's edges are part
+# of the item), and the mean of the picture's and its mirror image's features. Each helped or held
+# every protocol of ../shared/data and costs about 1.8x the plain features.
+DEFAULT_FEATURES = {"crop_pct": 1.0, "pooling": "avg", "tta": "flip"}
+POOLINGS = ("avg", "gem")
+TTAS = ("none", "flip")
+GEM_P = 3.0
+
 _LITE = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic", hub=False, key_mapping="efficientnet_lite")
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -230,7 +239,7 @@ def create_torch_model(spec: ModelSpec, weights: Weights, *, with_classifier: bo
     """The spec's timm module with its weights loaded, in eval mode.
 
     Without ``with_classifier`` the classifier is removed (``num_classes=0``) and the module
-    returns the globally pooled feature vector.
+    returns the globally pooled feature vector, pooled as ``spec.pooling`` says.
     """
     try:
         import timm
@@ -252,7 +261,26 @@ def create_torch_model(spec: ModelSpec, weights: Weights, *, with_classifier: bo
         raise ModelError(
             f"{weights.path}: weights do not fit {spec.name} ({spec.arch}): {first}", subject=weights.path
         ) from exc
+    if spec.pooling == "gem" and not with_classifier:
+        if not hasattr(model, "global_pool"):
+            raise ModelError(f"{spec.name}: pooling gem is not available for {spec.arch}", subject=spec.name)
+        model.global_pool = gem_pooling(GEM_P)
     return model.eval()
+
+
+def gem_pooling(p: float):
+    """Generalized-mean pooling [n, c, h, w] -> [n, c]: (mean x^p)^(1/p); p = 1 is average pooling."""
+    import torch
+
+    class _GeM(torch.nn.Module):
+        def __init__(self, p: float):
+            super().__init__()
+            self.p = p
+
+        def forward(self, x):
+            return x.clamp(min=1e-6).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
+
+    return _GeM(p)
 
 
 def feature_dim(spec: ModelSpec) -> int:
@@ -262,10 +290,32 @@ def feature_dim(spec: ModelSpec) -> int:
     return timm.create_model(spec.arch, pretrained=False, num_classes=0).num_features
 
 
+def with_features(
+    spec: ModelSpec, *, crop_pct: float | None = None, pooling: str | None = None, tta: str | None = None
+) -> ModelSpec:
+    """The spec with build-time feature options applied; None takes DEFAULT_FEATURES' value."""
+    crop_pct = DEFAULT_FEATURES["crop_pct"] if crop_pct is None else crop_pct
+    pooling = DEFAULT_FEATURES["pooling"] if pooling is None else pooling
+    tta = DEFAULT_FEATURES["tta"] if tta is None else tta
+    if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not 0.25 <= crop_pct <= 1.0:
+        raise ModelError(f"crop_pct must be a number from 0.25 to 1.0 (1.0 = the whole picture), got {crop_pct!r}",
+                         subject=crop_pct)
+    if pooling not in POOLINGS:
+        raise ModelError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}", subject=pooling)
+    if tta not in TTAS:
+        raise ModelError(f"unknown tta {tta!r}; use one of {', '.join(TTAS)}", subject=tta)
+    return replace(spec, crop_pct=float(crop_pct), pooling=pooling, tta=tta)
+
+
 def spec_from_manifest(model: dict[str, Any]) -> ModelSpec:
-    """Rebuild the exact ModelSpec an index was built with from its manifest entry."""
+    """Rebuild the exact ModelSpec an index was built with from its manifest entry.
+
+    An index written before feature options existed has no ``features`` entry: it was made
+    with average pooling and no flip.
+    """
     base = get_spec(model["name"])
     pre = model.get("preprocessing", {})
+    features = model.get("features", {})
     return replace(
         base,
         input_size=int(pre.get("input_size", base.input_size)),
@@ -273,4 +323,6 @@ def spec_from_manifest(model: dict[str, Any]) -> ModelSpec:
         interpolation=pre.get("interpolation", base.interpolation),
         mean=tuple(pre.get("mean", base.mean)),
         std=tuple(pre.get("std", base.std)),
+        pooling=features.get("pooling", "avg"),
+        tta=features.get("tta", "none"),
     )

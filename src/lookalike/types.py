@@ -60,7 +60,9 @@ class ModelSpec:
 
     Preprocessing follows timm's convention: resize the short side to ``input_size / crop_pct``
     with ``interpolation``, centre-crop ``input_size``, scale to [0, 1], subtract ``mean`` and
-    divide by ``std`` per channel.
+    divide by ``std`` per channel. ``pooling`` turns the last feature map into the vector
+    (``avg``, or ``gem``: generalized mean with p = 3); ``tta`` = ``flip`` averages the features
+    of the image and of its mirror image.
     """
 
     name: str
@@ -74,6 +76,8 @@ class ModelSpec:
     key_mapping: str | None = None  # name of a state-dict renaming in models.py, if any
     hub: bool = True  # timm's hub download may be tried when online
     description: str = ""
+    pooling: str = "avg"  # avg | gem
+    tta: str = "none"  # none | flip
 
     @property
     def resize_size(self) -> int:
@@ -88,6 +92,10 @@ class ModelSpec:
             "mean": list(self.mean),
             "std": list(self.std),
         }
+
+    def features(self) -> dict[str, Any]:
+        """How the feature vector is made from the model's last feature map (the manifest's record)."""
+        return {"pooling": self.pooling, "tta": self.tta}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -43,7 +43,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Match
 
 from .. import __version__
-from ..engine import VisualSearch, vote
+from ..engine import MAX_EXPAND, VisualSearch, vote
 from ..errors import (
     CatalogError,
     ImageCorruptError,
@@ -726,7 +726,7 @@ def create_app(settings: ServerSettings):
     # --- search ---------------------------------------------------------------------------
 
     async def read_queries(request: Request) -> tuple[list[Query], dict[str, Any]]:
-        """The request's queries and its parameters (k, min_score, filter) from form or JSON fields."""
+        """The request's queries and its parameters (k, min_score, filter, expand) from form or JSON fields."""
         params: dict[str, Any] = dict(request.query_params)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "multipart/form-data":
@@ -736,7 +736,7 @@ def create_app(settings: ServerSettings):
                 for key, value in form.multi_items():
                     if isinstance(value, UploadFile):
                         queries.append(Query(value.filename or f"upload {len(queries) + 1}", data=await value.read()))
-                    elif key in ("k", "min_score", "filter"):
+                    elif key in ("k", "min_score", "filter", "expand"):
                         params[key] = _text_field(value, key)
                     elif key == "image_url":
                         queries.append(Query(value, url=_url_param(_text_field(value, key), "image_url", settings.allow_urls)))
@@ -754,11 +754,13 @@ def create_app(settings: ServerSettings):
                 raise QueryError("request body must be a JSON object")
             if "k" in body and (not isinstance(body["k"], int) or isinstance(body["k"], bool)):
                 raise QueryError(f"k must be a whole number from 1 to {settings.max_k}")
+            if "expand" in body and (not isinstance(body["expand"], int) or isinstance(body["expand"], bool)):
+                raise QueryError(f"expand must be a whole number from 0 to {MAX_EXPAND}")
             if "min_score" in body and (not isinstance(body["min_score"], (int, float)) or isinstance(body["min_score"], bool)):
                 raise QueryError("min_score must be a finite number")
             if "filter" in body and not isinstance(body["filter"], dict):
                 raise QueryError('filter must be a JSON object such as {"colour": "Black"}')
-            params.update({key: body[key] for key in ("k", "min_score", "filter") if key in body})
+            params.update({key: body[key] for key in ("k", "min_score", "filter", "expand") if key in body})
             return _json_queries(body, settings.allow_urls, dim), params
         if ctype.startswith("image/") or ctype == "application/octet-stream":
             return [Query("<body>", data=await request.body())], params
@@ -766,7 +768,9 @@ def create_app(settings: ServerSettings):
             f"Content-Type {ctype!r} is not accepted by /search: send multipart/form-data, application/json or the image bytes", 415
         )
 
-    def run_search(queries: list[Query], k: int, filter: dict | None, min_score: float | None) -> tuple[list[dict[str, Any]], int]:
+    def run_search(
+        queries: list[Query], k: int, filter: dict | None, min_score: float | None, expand: int
+    ) -> tuple[list[dict[str, Any]], int]:
         # One image decoded and featurized at a time, outside the index lock: a request's memory is
         # one decoded image however many it sends, and writers wait only for the index search.
         featurizer, draft = shared.vs.featurizer, shared.vs.spec.resize_size
@@ -781,7 +785,7 @@ def create_app(settings: ServerSettings):
                 inputs.append(featurizer.featurize([image], strict=True).vectors[0])
             del image
         with shared.reading() as vs:
-            results: list[SearchResult] = vs.search(inputs, k=k, filter=filter, min_score=min_score)
+            results: list[SearchResult] = vs.search(inputs, k=k, filter=filter, min_score=min_score, expand=expand)
             generation = vs.generation
         return [{"query": q.name, "hits": [_hit_dict(h) for h in r.hits]} for q, r in zip(queries, results)], generation
 
@@ -792,6 +796,8 @@ def create_app(settings: ServerSettings):
         keys = [*keys, "image_url"] if settings.allow_urls else keys
         return {combine: [{"required": [key]} for key in keys]} if len(keys) > 1 else {"required": keys}
 
+    expand_schema = {"type": "integer", "minimum": 0, "maximum": MAX_EXPAND,
+                     "description": "query expansion over that many nearest items (0: off)"}
     search_body = {"required": True, "content": {
         "multipart/form-data": {"schema": {
             "type": "object",
@@ -802,6 +808,7 @@ def create_app(settings: ServerSettings):
                 "k": {"type": "integer", "minimum": 1, "maximum": settings.max_k},
                 "min_score": {"type": "number"},
                 "filter": {"type": "string", "description": 'a JSON object, e.g. {"colour": "Black"}'},
+                "expand": expand_schema,
             },
             **one_image(["file"], "anyOf"),
         }},
@@ -814,6 +821,7 @@ def create_app(settings: ServerSettings):
                 "k": {"type": "integer", "minimum": 1, "maximum": settings.max_k},
                 "min_score": {"type": "number"},
                 "filter": _FILTER_SCHEMA,
+                "expand": expand_schema,
             },
             **one_image(["image_base64", "vector"]),
         }},
@@ -835,12 +843,14 @@ def create_app(settings: ServerSettings):
         k: int | None = QueryParam(None, ge=1, le=settings.max_k, description="hits per query"),
         min_score: float | None = QueryParam(None, description="hits scoring below it are dropped"),
         filter: str | None = QueryParam(None, description='a JSON object of metadata equalities, e.g. {"colour": "Black"}'),
+        expand: int | None = QueryParam(None, ge=0, le=MAX_EXPAND, description="query expansion over that many nearest items (0: off)"),
     ):
         """The most similar catalog items of each query image, most similar first.
 
         Parameters (query string, form fields or JSON keys): ``k`` hits per query, ``min_score``
         (hits below it are dropped: no match is an empty list), ``filter`` (JSON object of
-        metadata equalities; a list value means any of).
+        metadata equalities; a list value means any of), ``expand`` (query expansion; the scores
+        are then similarities to the expanded query).
         """
         start = time.perf_counter()
         require_read_key(request)
@@ -848,8 +858,9 @@ def create_app(settings: ServerSettings):
         k_ = _int_param(params.get("k", settings.k), "k", 1, settings.max_k)
         min_score_ = _float_param(params["min_score"], "min_score") if params.get("min_score") not in (None, "") else None
         filter_ = _filter_param(params.get("filter"))
+        expand_ = _int_param(params.get("expand", 0), "expand", 0, MAX_EXPAND)
         async with gate.enter():
-            results, generation = await run_in_threadpool(run_search, queries, k_, filter_, min_score_)
+            results, generation = await run_in_threadpool(run_search, queries, k_, filter_, min_score_, expand_)
         return JSONResponse({"results": results, "took_ms": round((time.perf_counter() - start) * 1000, 2)},
                             headers={"X-Index-Generation": str(generation)})
 
