@@ -165,6 +165,8 @@ def test_flip_averages_the_picture_and_its_mirror_image(tmp_path, monkeypatch):
     both = flip.featurize([square, mirrored, square], strict=True).vectors
     np.testing.assert_allclose(both[0], (a + b) / 2, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(both[1], both[0], rtol=1e-4, atol=1e-5)  # a picture and its mirror: one vector
+    alone = flip.featurize([square], strict=True).vectors[0]  # a lone query runs the mirror on a second core
+    np.testing.assert_allclose(alone, both[0], rtol=1e-4, atol=1e-5)
     assert not np.allclose(a, b, atol=1e-3)
 
 

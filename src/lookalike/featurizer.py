@@ -113,6 +113,7 @@ class Featurizer:
         self.threads = threads or cpu_count()
         self.policy = policy
         self._lock = threading.Lock()
+        self._mirror: ThreadPoolExecutor | None = None  # runs the mirror image of a lone query
         self._runtime = _TorchCudaRuntime(spec, weights) if device == "cuda" else _OnnxRuntime(spec, weights, self.threads)
         self.dim = self._runtime.dim
 
@@ -125,23 +126,32 @@ class Featurizer:
         img = load_image(source, policy=self.policy, draft_size=self.spec.resize_size)
         return preprocess(img, self.spec)
 
-    def run(self, pixels: np.ndarray) -> np.ndarray:
+    def run(self, pixels: np.ndarray, *, alone: bool = False) -> np.ndarray:
         """Run the model on a preprocessed batch [n, 3, H, W] -> float32 [n, dim].
 
-        With ``tta`` = ``flip`` the image and its mirror image go through the model in one batch
-        and the vector is the mean of their two vectors.
+        With ``tta`` = ``flip`` the vector is the mean of the image's and its mirror image's
+        vectors: one batch of 2n, or, when the call is ``alone`` on the CPU (a single query, the
+        other cores idle), the two halves at once on two cores.
         """
         n = len(pixels)
-        if self.spec.tta == "flip" and n:
-            pixels = np.concatenate([pixels, pixels[..., ::-1]])
-        if self.device == "cpu":  # an ONNX Runtime session may be run from several threads at once
-            out = self._runtime.run(pixels)
-        else:
+        flip = self.spec.tta == "flip" and n > 0
+        if self.device != "cpu":
             with self._lock:
-                out = self._runtime.run(pixels)
-        if self.spec.tta == "flip" and n:
+                out = self._runtime.run(np.concatenate([pixels, pixels[..., ::-1]]) if flip else pixels)
+        elif flip and alone and self.threads > 1:
+            mirror = self._mirror_pool().submit(self._runtime.run, np.ascontiguousarray(pixels[..., ::-1]))
+            out = np.concatenate([self._runtime.run(pixels), mirror.result()])
+        else:  # an ONNX Runtime session may be run from several threads at once
+            out = self._runtime.run(np.concatenate([pixels, pixels[..., ::-1]]) if flip else pixels)
+        if flip:
             out = (out[:n] + out[n:]) * np.float32(0.5)
         return out
+
+    def _mirror_pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._mirror is None:
+                self._mirror = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lookalike-mirror")
+            return self._mirror
 
     def featurize(
         self,
@@ -196,7 +206,8 @@ class Featurizer:
             errs = [(i, err) for i, _, err in done if err is not None]
             if not indices:
                 return indices, np.zeros((0, self.dim), np.float32), errs
-            return indices, self.run(np.stack([a for _, a, err in done if err is None])), errs
+            pixels = np.stack([a for _, a, err in done if err is None])
+            return indices, self.run(pixels, alone=len(sources) == 1), errs
 
         starts = iter(range(0, len(sources), CPU_CHUNK))
         with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="lookalike-featurize") as pool:
