@@ -109,7 +109,7 @@ def test_build_options_say_how_features_are_made(tmp_path):
         "--pooling", "gem")
     assert "features:       gem pooling, crop 0.875, flip off" in run("info", tmp_path / "plain").stdout
     jeans = SAMPLE / "queries" / "jeans-18193.jpg"
-    hits = json.loads(run("search", tmp_path / "plain", jeans, "-k", "3", "--expand", "2", "--json").stdout)
+    hits = json.loads(run("search", tmp_path / "plain", jeans, "-k", "3", "--expand", "2", "--orient", "--json").stdout)
     assert len(hits[0]["hits"]) == 3 and all(h["metadata"]["label"] == "Jeans" for h in hits[0]["hits"])
 
 

@@ -128,6 +128,23 @@ def test_query_expansion_answers_as_the_python_api_does(client, sample_index):
         assert [h["id"] for h in r.json()["results"][0]["hits"]] == expected
 
 
+def test_a_sideways_photo_with_orient_answers_as_the_python_api_does(client, sample_index, tmp_path):
+    from PIL import Image
+
+    from lookalike import VisualSearch
+
+    sideways = tmp_path / "sideways.jpg"
+    Image.open(JEANS).rotate(90, expand=True).save(sideways, quality=95)
+    expected = [h.id for h in VisualSearch.open(sample_index).search(sideways, k=5, orient=True).hits]
+    by_query = upload(client, sideways, k=5, orient="true")
+    by_form = client.post("/search", files=[("file", ("q.jpg", sideways.read_bytes(), "image/jpeg"))], data={"k": "5", "orient": "1"})
+    by_json = client.post("/search", json={"image_base64": base64.b64encode(sideways.read_bytes()).decode(), "k": 5, "orient": True})
+    for r in (by_query, by_form, by_json):
+        assert r.status_code == 200, r.text
+        assert [h["id"] for h in r.json()["results"][0]["hits"]] == expected
+    assert by_json.json()["results"][0]["hits"][0]["metadata"]["label"] == "Jeans"
+
+
 # --- /invocations --------------------------------------------------------------------------------
 
 
@@ -197,6 +214,8 @@ def test_bad_requests_get_4xx_json_and_the_service_keeps_answering(client, serve
         (upload(client, JEANS, filter="gender=Women"), 422, "json object"),
         (upload(client, JEANS, min_score="nan"), 422, "finite"),
         (upload(client, JEANS, expand=51), 422, ""),
+        (upload(client, JEANS, orient="maybe"), 422, ""),
+        (client.post("/search", json={"image_base64": "aGk=", "orient": "yes"}), 422, "orient"),
         (client.post("/search", json={"image_base64": "aGk=", "expand": "2"}), 422, "expand"),
         (client.post("/search", files=[("other", ("a.txt", b"hi", "text/plain"))]), 415, ""),
         (client.post("/search", data={"k": "3"}), 415, "multipart"),

@@ -27,7 +27,7 @@ from . import __version__
 from .catalog import check_unique, read_catalog
 from .errors import CatalogError, ImageError, ModelError, QueryError, StoreError
 from .evaluate import combine, per_query
-from .featurizer import Featurizer
+from .featurizer import TURNS, Featurizer
 from .images import DEFAULT_POLICY, ImagePolicy, describe
 from .index import IndexWarning, VectorIndex, check_spec, check_vectors, prepare
 from .models import DEFAULT_MODEL, Weights, get_spec, resolve_weights, spec_from_manifest, with_features
@@ -36,6 +36,7 @@ from .types import Hit, IndexSpec, Item, ModelSpec, SearchResult
 
 QE_ALPHA = 3.0  # query expansion: a neighbour's weight is its score to the query ** QE_ALPHA
 MAX_EXPAND = 50
+ORIENT_MARGIN = 0.05  # a turned query photo wins when its best hit scores this much above the upright one's
 
 ProgressFactory = Callable[[int], Any]  # total -> object with update(n) and close(), e.g. tqdm
 
@@ -273,6 +274,7 @@ class VisualSearch:
         filter: dict[str, Any] | None = None,
         min_score: float | None = None,
         expand: int = 0,
+        orient: bool = False,
     ):
         """The k most similar items of each query, most similar first.
 
@@ -282,13 +284,19 @@ class VisualSearch:
         ``min_score``: hits scoring below it are dropped, so "nothing like it" is an empty list.
         ``expand``: query expansion over that many nearest items (0 = off); the scores are then
         similarities to the expanded query.
+        ``orient``: also try each query image turned by 90, 180 and 270 degrees (a photo taken
+        with the camera on its side) and keep the turn whose best hit scores ORIENT_MARGIN
+        above the upright one's; about 4x the featurizing time.
         """
         _check_k(k)
         _check_expand(expand)
         if min_score is not None and not (isinstance(min_score, (int, float)) and math.isfinite(min_score)):
             raise QueryError(f"min_score must be a finite number, got {min_score!r}")
         sources, single = self._as_list(queries)
-        vectors = self._vectors(sources)
+        if orient:
+            vectors = self._upright(self._vectors(sources, turned=True), self._subset(filter))
+        else:
+            vectors = self._vectors(sources)
         found = self._search_vectors(vectors, k, filter, expand)
         if min_score is not None:
             found = [[h for h in hits if h.score >= min_score] for hits in found]
@@ -308,16 +316,20 @@ class VisualSearch:
         """The committed generation this object reads (it grows with every add and remove)."""
         return int(self.manifest["generation"])
 
+    def _subset(self, filter: dict[str, Any] | None) -> np.ndarray | None:
+        """The int ids a metadata filter allows (None: no filter)."""
+        if not filter:
+            return None
+        if not isinstance(filter, dict):
+            raise QueryError(f"filter must be a mapping of metadata field to value, got {type(filter).__name__}")
+        return self._items.matching(filter)
+
     def _search_vectors(
         self, vectors: np.ndarray, k: int, filter: dict[str, Any] | None, expand: int = 0
     ) -> list[list[Hit]]:
-        subset = None
-        if filter:
-            if not isinstance(filter, dict):
-                raise QueryError(f"filter must be a mapping of metadata field to value, got {type(filter).__name__}")
-            subset = self._items.matching(filter)
-            if len(subset) == 0:
-                return [[] for _ in range(len(vectors))]
+        subset = self._subset(filter)
+        if subset is not None and len(subset) == 0:
+            return [[] for _ in range(len(vectors))]
         if expand:
             vectors = self._expanded(vectors, expand, subset=subset)
         scores, distances, int_ids = self._index.search(vectors, k, subset=subset)
@@ -336,6 +348,29 @@ class VisualSearch:
                 hits.append(Hit(r, id_, float(s), float(d), metadata, image))
             out.append(hits)
         return out
+
+    def upright(self, turned: np.ndarray, filter: dict[str, Any] | None = None) -> np.ndarray:
+        """The vector to search with for each query given upright and turned ([n, 4, dim], as
+        ``Featurizer.featurize_turned`` makes them) -> [n, dim]; see ``search(orient=True)``."""
+        turned = np.asarray(turned, dtype=np.float32)
+        if turned.ndim != 3 or turned.shape[1:] != (len(TURNS), self.dim):
+            raise QueryError(f"expected vectors of shape [n, {len(TURNS)}, {self.dim}], got {list(turned.shape)}")
+        return self._upright(turned, self._subset(filter))
+
+    def _upright(self, turned: np.ndarray, subset: np.ndarray | None = None) -> np.ndarray:
+        """From [n, 4, dim] vectors of each query turned 0/90/180/270 degrees, the one to search with.
+
+        A turn replaces the upright query only when its best hit scores ORIENT_MARGIN higher: on
+        upright photos a turn then almost never wins by chance (measured on coil-6view and
+        grocery-iconic, recall@1 fell by at most 0.004), on photos taken sideways it usually wins.
+        """
+        if len(self._index) == 0 or (subset is not None and len(subset) == 0):
+            return turned[:, 0]
+        n, turns, dim = turned.shape
+        top = self._index.search(turned.reshape(n * turns, dim), 1, subset=subset)[0][:, 0].reshape(n, turns)
+        best = top.argmax(axis=1)
+        best = np.where(top[np.arange(n), best] > top[:, 0] + ORIENT_MARGIN, best, 0)
+        return turned[np.arange(n), best]
 
     def _expanded(
         self, vectors: np.ndarray, n: int, subset: np.ndarray | None = None, exclude: np.ndarray | None = None
@@ -375,8 +410,10 @@ class VisualSearch:
             return list(queries), False
         raise QueryError(f"cannot search with a {type(queries).__name__}; give an image, a vector, or a list of them")
 
-    def _vectors(self, sources: list[Any]) -> np.ndarray:
-        out = np.zeros((len(sources), self.dim), np.float32)
+    def _vectors(self, sources: list[Any], turned: bool = False) -> np.ndarray:
+        """Query vectors [n, dim]; with ``turned``, [n, 4, dim]: each image upright and turned
+        (a vector query is the same in all four)."""
+        out = np.zeros((len(sources), len(TURNS), self.dim) if turned else (len(sources), self.dim), np.float32)
         image_positions = []
         for pos, source in enumerate(sources):
             if _is_vector(source):
@@ -384,8 +421,11 @@ class VisualSearch:
             else:
                 image_positions.append(pos)
         if image_positions:
-            result = self.featurizer.featurize([sources[p] for p in image_positions], strict=True)
-            out[image_positions] = result.vectors
+            images = [sources[p] for p in image_positions]
+            if turned:
+                out[image_positions] = self.featurizer.featurize_turned(images)
+            else:
+                out[image_positions] = self.featurizer.featurize(images, strict=True).vectors
         return out
 
     @staticmethod
@@ -467,6 +507,7 @@ class VisualSearch:
         ks: Sequence[int] = (1, 5, 10),
         leave_one_out: bool = False,
         expand: int = 0,
+        orient: bool = False,
         progress: bool | ProgressFactory | None = None,
     ) -> dict[str, Any]:
         """Recall@k, precision@1 and mAP (full ranking) of a query catalog against this index.
@@ -474,7 +515,8 @@ class VisualSearch:
         A hit is a neighbour whose metadata ``label`` equals the query's. A query that is itself
         in the index (same id and image) is left out of its own ranking (leave-one-out), and its
         stored vector is used instead of featurizing it again. ``leave_one_out=True`` (and no
-        ``queries``) makes every item of the index a query against the others.
+        ``queries``) makes every item of the index a query against the others. ``expand`` and
+        ``orient`` are search's (``orient`` applies to the queries that are featurized).
         """
         _check_expand(expand)
         ks = sorted({int(k) for k in ks})
@@ -508,7 +550,20 @@ class VisualSearch:
                 to_featurize.append(q)
         skipped = 0
         keep = np.ones(len(items), bool)
-        if to_featurize:
+        if to_featurize and orient:  # one query at a time: each is featurized upright and turned
+            factory = _progress(progress)
+            bar = factory(len(to_featurize)) if factory else None
+            for q in to_featurize:
+                try:
+                    vectors[q] = self._upright(self.featurizer.featurize_turned([items[q].image]))[0]
+                except ImageError:
+                    keep[q] = False
+                    skipped += 1
+                if bar is not None:
+                    bar.update(1)
+            if bar is not None:
+                bar.close()
+        elif to_featurize:
             factory = _progress(progress)
             bar = factory(len(to_featurize)) if factory else None
             try:

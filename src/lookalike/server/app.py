@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import quote
 
+import numpy as np
 from fastapi import FastAPI, Path as PathParam, Query as QueryParam, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -519,6 +520,17 @@ def _int_param(value: Any, name: str, low: int, high: int) -> int:
     return number
 
 
+def _bool_param(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise QueryError(f"{name} must be true or false, got {str(value)[:40]!r}")
+
+
 def _float_param(value: Any, name: str) -> float:
     try:
         number = float(value) if not isinstance(value, bool) else math.nan
@@ -594,8 +606,6 @@ def _json_queries(body: dict[str, Any], allow_urls: bool, dim: int | None = None
     if vector is not None and dim is not None:
         if len(vector) != dim:
             raise QueryError(f"vector has dimension {len(vector)}, but the index holds vectors of dimension {dim}")
-        import numpy as np
-
         with np.errstate(over="ignore"):
             _finite_vectors(np.asarray([vector], dtype=np.float64).astype(np.float32))
     return queries
@@ -736,7 +746,7 @@ def create_app(settings: ServerSettings):
                 for key, value in form.multi_items():
                     if isinstance(value, UploadFile):
                         queries.append(Query(value.filename or f"upload {len(queries) + 1}", data=await value.read()))
-                    elif key in ("k", "min_score", "filter", "expand"):
+                    elif key in ("k", "min_score", "filter", "expand", "orient"):
                         params[key] = _text_field(value, key)
                     elif key == "image_url":
                         queries.append(Query(value, url=_url_param(_text_field(value, key), "image_url", settings.allow_urls)))
@@ -756,11 +766,13 @@ def create_app(settings: ServerSettings):
                 raise QueryError(f"k must be a whole number from 1 to {settings.max_k}")
             if "expand" in body and (not isinstance(body["expand"], int) or isinstance(body["expand"], bool)):
                 raise QueryError(f"expand must be a whole number from 0 to {MAX_EXPAND}")
+            if "orient" in body and not isinstance(body["orient"], bool):
+                raise QueryError("orient must be true or false")
             if "min_score" in body and (not isinstance(body["min_score"], (int, float)) or isinstance(body["min_score"], bool)):
                 raise QueryError("min_score must be a finite number")
             if "filter" in body and not isinstance(body["filter"], dict):
                 raise QueryError('filter must be a JSON object such as {"colour": "Black"}')
-            params.update({key: body[key] for key in ("k", "min_score", "filter", "expand") if key in body})
+            params.update({key: body[key] for key in ("k", "min_score", "filter", "expand", "orient") if key in body})
             return _json_queries(body, settings.allow_urls, dim), params
         if ctype.startswith("image/") or ctype == "application/octet-stream":
             return [Query("<body>", data=await request.body())], params
@@ -769,12 +781,13 @@ def create_app(settings: ServerSettings):
         )
 
     def run_search(
-        queries: list[Query], k: int, filter: dict | None, min_score: float | None, expand: int
+        queries: list[Query], k: int, filter: dict | None, min_score: float | None, expand: int, orient: bool
     ) -> tuple[list[dict[str, Any]], int]:
         # One image decoded and featurized at a time, outside the index lock: a request's memory is
         # one decoded image however many it sends, and writers wait only for the index search.
         featurizer, draft = shared.vs.featurizer, shared.vs.spec.resize_size
-        inputs = []
+        inputs: list[Any] = []
+        turned: dict[int, np.ndarray] = {}  # position -> the image's vectors upright and turned (orient)
         for q in queries:
             if q.vector is not None:
                 inputs.append(q.vector)
@@ -782,9 +795,17 @@ def create_app(settings: ServerSettings):
             image = load_image(q.url if q.url is not None else q.data, policy=policy, draft_size=draft, name=q.name)
             q.data = None
             with shared.compute:
-                inputs.append(featurizer.featurize([image], strict=True).vectors[0])
+                if orient:
+                    turned[len(inputs)] = featurizer.featurize_turned([image])[0]
+                    inputs.append(None)
+                else:
+                    inputs.append(featurizer.featurize([image], strict=True).vectors[0])
             del image
         with shared.reading() as vs:
+            if turned:
+                chosen = vs.upright(np.stack(list(turned.values())), filter=filter)
+                for pos, vector in zip(turned, chosen):
+                    inputs[pos] = vector
             results: list[SearchResult] = vs.search(inputs, k=k, filter=filter, min_score=min_score, expand=expand)
             generation = vs.generation
         return [{"query": q.name, "hits": [_hit_dict(h) for h in r.hits]} for q, r in zip(queries, results)], generation
@@ -809,6 +830,7 @@ def create_app(settings: ServerSettings):
                 "min_score": {"type": "number"},
                 "filter": {"type": "string", "description": 'a JSON object, e.g. {"colour": "Black"}'},
                 "expand": expand_schema,
+                "orient": {"type": "boolean", "description": "also try the photo turned by 90/180/270 degrees"},
             },
             **one_image(["file"], "anyOf"),
         }},
@@ -822,6 +844,7 @@ def create_app(settings: ServerSettings):
                 "min_score": {"type": "number"},
                 "filter": _FILTER_SCHEMA,
                 "expand": expand_schema,
+                "orient": {"type": "boolean", "description": "also try the photo turned by 90/180/270 degrees"},
             },
             **one_image(["image_base64", "vector"]),
         }},
@@ -844,13 +867,15 @@ def create_app(settings: ServerSettings):
         min_score: float | None = QueryParam(None, description="hits scoring below it are dropped"),
         filter: str | None = QueryParam(None, description='a JSON object of metadata equalities, e.g. {"colour": "Black"}'),
         expand: int | None = QueryParam(None, ge=0, le=MAX_EXPAND, description="query expansion over that many nearest items (0: off)"),
+        orient: bool | None = QueryParam(None, description="also try each photo turned by 90, 180 and 270 degrees"),
     ):
         """The most similar catalog items of each query image, most similar first.
 
         Parameters (query string, form fields or JSON keys): ``k`` hits per query, ``min_score``
         (hits below it are dropped: no match is an empty list), ``filter`` (JSON object of
         metadata equalities; a list value means any of), ``expand`` (query expansion; the scores
-        are then similarities to the expanded query).
+        are then similarities to the expanded query), ``orient`` (also try each photo turned by
+        90, 180 and 270 degrees; about 4x the featurizing time).
         """
         start = time.perf_counter()
         require_read_key(request)
@@ -859,8 +884,9 @@ def create_app(settings: ServerSettings):
         min_score_ = _float_param(params["min_score"], "min_score") if params.get("min_score") not in (None, "") else None
         filter_ = _filter_param(params.get("filter"))
         expand_ = _int_param(params.get("expand", 0), "expand", 0, MAX_EXPAND)
+        orient_ = _bool_param(params.get("orient", False), "orient")
         async with gate.enter():
-            results, generation = await run_in_threadpool(run_search, queries, k_, filter_, min_score_, expand_)
+            results, generation = await run_in_threadpool(run_search, queries, k_, filter_, min_score_, expand_, orient_)
         return JSONResponse({"results": results, "took_ms": round((time.perf_counter() - start) * 1000, 2)},
                             headers={"X-Index-Generation": str(generation)})
 
