@@ -112,6 +112,15 @@ def test_build_options_say_how_features_are_made(tmp_path):
     hits = json.loads(run("search", tmp_path / "plain", jeans, "-k", "3", "--expand", "2", "--orient", "--json").stdout)
     assert len(hits[0]["hits"]) == 3 and all(h["metadata"]["label"] == "Jeans" for h in hits[0]["hits"])
 
+    proc = run("build", SAMPLE / "catalog.csv", "-o", tmp_path / "white", "-q", "--whiten", "64")
+    info = json.loads(run("info", tmp_path / "white", "--json").stdout)
+    assert info["index_params"] == {"whiten": 64} and "PCA-whitened to 64 dimensions, learned from the 300 items" in info["chosen_because"]
+    assert info["dim"] == 1280  # queries and stored vectors stay the model's
+    hits = json.loads(run("search", tmp_path / "white", jeans, "-k", "3", "--json").stdout)[0]["hits"]
+    assert hits[0]["metadata"]["label"] == "Jeans" and hits[0]["score"] <= 1.0
+    proc = run("build", SAMPLE / "catalog.csv", "-o", tmp_path / "small", "--whiten", "256")
+    assert "needs at least 512 items to learn from, the catalog has 300; not whitened" in proc.stdout + proc.stderr
+
 
 BAD_CASES = {
     "missing catalog": (["build", "{tmp}/nope", "-o", "{tmp}/o"], "nope: catalog does not exist"),

@@ -128,3 +128,51 @@ def test_bad_queries_are_query_errors():
         VectorIndex.create("annoy", "cosine", x, ids)
     with pytest.raises(IndexError_, match="unknown metric"):
         VectorIndex.create("flat", "hamming", x, ids)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_whitening_is_learned_at_build_and_applied_to_every_query(kind, tmp_path):
+    """The FAISS structure searches PCA-whitened vectors; the exact paths compare the same way."""
+    x, ids = _data(3000, 64)
+    base = prepare(x, "cosine")
+    index = VectorIndex.create(kind, "cosine", base, ids, whiten=16)
+    assert index.whiten == 16 and index.spec.params["whiten"] == 16 and "PCA-whitened to 16" in index.spec.chosen_because
+    assert index.dim == 64 and index.vectors.shape == (3000, 64)  # the stored vectors stay the model's
+    # brute force in the whitened space: PCA (mean removed), eigenvalues ** -1/2, top 16, normalised
+    centred = base - base.mean(0)
+    values, vecs = np.linalg.eigh(centred.T @ centred / len(base))
+    top = np.argsort(values)[::-1][:16]
+    w = lambda v: prepare((v - base.mean(0)) @ vecs[:, top] / np.sqrt(values[top]), "cosine")  # noqa: E731
+    q = x[:30] + 0.01
+    want = np.argsort(-(w(prepare(q, "cosine")) @ w(base).T), axis=1)[:, :5]
+    scores, _, got = index.search(q, 5)
+    exact = kind in ("flat", "hnsw")  # the IVF kinds probe a part of the lists
+    assert (got[:, 0] == ids[want[:, 0]]).mean() >= (0.95 if exact else 0.8)
+    if kind != "ivfpq":  # the exact path (k covers the catalog) scores as the FAISS structure does
+        np.testing.assert_allclose(index.search(q, 3000)[0][:, 0], scores[:, 0], atol=1e-4)
+    assert np.all(scores <= 1.0 + (0.02 if kind == "ivfpq" else 1e-5))  # PQ codes approximate the vectors
+    subset = ids[::7]
+    _, _, filtered = index.search(q, 5, subset=subset)
+    assert np.isin(filtered, subset).all()
+    # the FAISS file carries the learned whitening; removal and additions keep it working
+    index.write_faiss(str(tmp_path / "w.faiss"))
+    loaded, from_file = VectorIndex.load(index.spec, 64, index.vectors, index.ids, str(tmp_path / "w.faiss"))
+    assert from_file and (loaded.search(q, 5)[2] == got).all()
+    loaded.remove(ids[:100])
+    loaded.add(base[:100], ids[:100])
+    assert len(loaded) == 3000 and loaded.search(q[:1], 1)[2][0, 0] == got[0, 0]
+
+
+def test_whitening_needs_enough_items_and_a_sane_dimension():
+    x, ids = _data(100, 64)
+    with pytest.warns(IndexWarning, match="needs at least 64 items to learn from, the catalog has 50; not whitened"):
+        index = VectorIndex.create("flat", "cosine", prepare(x[:50], "cosine"), ids[:50], whiten=32)
+    assert index.whiten == 0 and "whiten" not in index.spec.params
+    for bad in (-1, 65, 2.5, True):
+        with pytest.raises(IndexError_, match="whiten must be a whole number from 0"):
+            plan("flat", "cosine", 100, 64, whiten=bad)
+    emptied = VectorIndex.create("hnsw", "cosine", prepare(x, "cosine"), ids, whiten=8)
+    emptied.remove(ids)
+    assert len(emptied) == 0 and emptied.search(x[:1], 3)[2].shape == (1, 0)
+    emptied.add(prepare(x, "cosine"), ids)  # learned again from what it then holds
+    assert emptied.search(x[:1], 1)[2][0, 0] == ids[0]

@@ -70,7 +70,7 @@ def cmd_build(args) -> int:
         args.catalog, args.output, model=args.model, metric=args.metric, index=args.index,
         batch_size=args.batch_size, weights=args.weights, device=args.device, strict=args.strict,
         force=args.force, progress=_progress_factory(args),
-        crop_pct=args.crop_pct, pooling=args.pooling, tta=args.tta,
+        crop_pct=args.crop_pct, pooling=args.pooling, tta=args.tta, whiten=args.whiten,
     )
     report = vs.build_report
     if args.json:
@@ -295,7 +295,7 @@ ORIENT_HELP = ("also try each query photo turned by 90, 180 and 270 degrees (tak
                "and keep the turn that matches clearly better; about 4x the featurizing time")
 
 
-def _expand_arg(text: str) -> int:
+def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -339,6 +339,8 @@ def make_parser() -> argparse.ArgumentParser:
                    f"(default {DEFAULT_FEATURES['pooling']}; gem: generalized mean, p=3)")
     p.add_argument("--tta", choices=TTAS, help=f"flip: average with the mirror image's features, for catalog "
                    f"and queries alike (default {DEFAULT_FEATURES['tta']}; none is about 1.8x faster)")
+    p.add_argument("--whiten", type=_non_negative_int, default=0, metavar="D", help="PCA-whiten to D dimensions, learned "
+                   "from the catalog (default 0: off; it can hurt, measure first with `evaluate`)")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("search", parents=[common], help="the k most similar items of each query image")
@@ -346,7 +348,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("queries", nargs="+", metavar="QUERY_IMAGE")
     p.add_argument("-k", type=_positive_int, default=5, help="how many hits per query (default 5)")
     p.add_argument("--filter", action="append", metavar="FIELD=VALUE", help="only items whose metadata matches (repeatable)")
-    p.add_argument("--expand", type=_expand_arg, default=0, metavar="N", help=EXPAND_HELP)
+    p.add_argument("--expand", type=_non_negative_int, default=0, metavar="N", help=EXPAND_HELP)
     p.add_argument("--orient", action="store_true", help=ORIENT_HELP)
     p.set_defaults(func=cmd_search)
 
@@ -384,7 +386,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--leave-one-out", action="store_true", help="query with every item of the index against the others")
     p.add_argument("--label", default="label", help="the field a correct match shares (default label)")
     p.add_argument("-k", default="1,5,10", help="comma-separated k values for recall@k (default 1,5,10)")
-    p.add_argument("--expand", type=_expand_arg, default=0, metavar="N", help=EXPAND_HELP)
+    p.add_argument("--expand", type=_non_negative_int, default=0, metavar="N", help=EXPAND_HELP)
     p.add_argument("--orient", action="store_true", help=ORIENT_HELP)
     p.set_defaults(func=cmd_evaluate)
 

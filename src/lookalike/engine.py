@@ -131,12 +131,15 @@ class VisualSearch:
         crop_pct: float | None = None,
         pooling: str | None = None,
         tta: str | None = None,
+        whiten: int = 0,
     ) -> "VisualSearch":
         """Featurize a catalog and write a new index directory at ``path``.
 
         Unreadable images are skipped and listed in ``.build_report`` (an error if ``strict``).
         ``crop_pct``, ``pooling`` and ``tta`` say how features are made (None: the defaults of
         ``models.DEFAULT_FEATURES``); the manifest records them and every query uses the same.
+        ``whiten``: PCA-whiten to that many dimensions, learned from the catalog (0: off; see
+        ``index.plan``).
         """
         start = time.perf_counter()
         check_spec(index, metric)
@@ -152,7 +155,7 @@ class VisualSearch:
         int_ids = np.arange(1, len(kept) + 1, dtype=np.int64)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", IndexWarning)
-            vindex = VectorIndex.create(index, metric, vectors, int_ids)
+            vindex = VectorIndex.create(index, metric, vectors, int_ids, whiten=whiten)
         report.warnings.extend(str(w.message) for w in caught)
         manifest = {
             "lookalike_version": __version__,

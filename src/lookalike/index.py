@@ -4,6 +4,12 @@ The index keeps the vectors it holds (as indexed: L2-normalised for ``cosine``) 
 FAISS structure, so the FAISS file is only a cache: removal from HNSW, exact search when ``k``
 covers the whole catalog, and filtered search over a small subset all work from the vectors.
 
+Optional PCA-whitening (``whiten=D``) is learned from the catalog's vectors when the index is
+built and lives in the FAISS structure as a transform in front of it (FAISS's PCAMatrix with
+eigenvalue power -1/2, then L2 normalisation for ``cosine``): the stored vectors and the query
+vectors stay the model's, and the index searches D-dimensional whitened vectors. Rebuilding the
+FAISS file from the vectors learns it again from the items the index then holds.
+
 Scores (higher is more similar) and distances (the metric's raw value):
 - cosine: score = inner product of normalised vectors, distance = 1 - score
 - l2:     distance = squared L2, score = 1 / (1 + distance)
@@ -32,6 +38,7 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 EXACT_SUBSET_MAX = 200_000  # a filter matching at most this many items is searched exactly
+WHITEN_ITEMS_PER_DIM = 2  # whitening to D dimensions is learned only from at least 2*D items
 
 
 class IndexWarning(UserWarning):
@@ -78,9 +85,28 @@ def _pow2_floor(x: float) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(1.0, x)))))
 
 
-def plan(kind: str, metric: str, n: int, dim: int) -> IndexSpec:
-    """Choose the kind's parameters from the catalog size; fall back to flat when too small."""
+def plan(kind: str, metric: str, n: int, dim: int, whiten: int = 0) -> IndexSpec:
+    """Choose the kind's parameters from the catalog size; fall back to flat when too small.
+
+    ``whiten``: PCA-whiten to that many dimensions (0: off); a catalog of fewer than
+    WHITEN_ITEMS_PER_DIM * whiten items gets a warning and no whitening.
+    """
     check_spec(kind, metric)
+    if isinstance(whiten, bool) or not isinstance(whiten, (int, np.integer)) or not 0 <= whiten <= dim:
+        raise IndexError_(f"whiten must be a whole number from 0 (off) to the dimension {dim}, got {whiten!r}", subject=whiten)
+    if whiten and n < WHITEN_ITEMS_PER_DIM * whiten:
+        warnings.warn(f"whitening to {whiten} dimensions needs at least {WHITEN_ITEMS_PER_DIM * whiten} items to learn "
+                      f"from, the catalog has {n}; not whitened", IndexWarning, stacklevel=2)
+        whiten = 0
+    spec = _plan_kind(kind, metric, n, whiten or dim)
+    if whiten:
+        spec.params["whiten"] = int(whiten)
+        spec = replace(spec, chosen_because=f"{spec.chosen_because}; PCA-whitened to {whiten} dimensions, "
+                                            f"learned from the {n} items")
+    return spec
+
+
+def _plan_kind(kind: str, metric: str, n: int, dim: int) -> IndexSpec:
     if kind == "flat":
         return IndexSpec("flat", metric, {}, "exact search (asked for)")
     if kind == "hnsw":
@@ -120,11 +146,16 @@ class VectorIndex:
             raise IndexError_(f"FAISS index holds {self.index.ntotal} vectors, expected {len(self.ids)}")
 
     @classmethod
-    def create(cls, kind: str, metric: str, vectors: np.ndarray, ids: np.ndarray) -> "VectorIndex":
+    def create(cls, kind: str, metric: str, vectors: np.ndarray, ids: np.ndarray, whiten: int = 0) -> "VectorIndex":
         """Plan the kind for this many vectors, and build it over (already prepared) vectors."""
         vectors = np.asarray(vectors, dtype=np.float32)
-        spec = plan(kind, metric, len(vectors), vectors.shape[1])
+        spec = plan(kind, metric, len(vectors), vectors.shape[1], whiten)
         return cls(spec, vectors.shape[1], vectors, ids)
+
+    @property
+    def whiten(self) -> int:
+        """The whitened dimension the FAISS structure searches (0: not whitened)."""
+        return int(self.spec.params.get("whiten", 0))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -132,14 +163,14 @@ class VectorIndex:
     # --- building ------------------------------------------------------------------------
 
     def _empty(self):
-        d, metric, p = self.dim, _faiss_metric(self.spec.metric), self.spec.params
+        d, metric, p = self.whiten or self.dim, _faiss_metric(self.spec.metric), self.spec.params
         kind = self.spec.kind
         if kind == "flat":
-            return faiss.IndexIDMap2(faiss.IndexFlat(d, metric))
+            return faiss.IndexIDMap2(self._whitened(faiss.IndexFlat(d, metric)))
         if kind == "hnsw":
             inner = faiss.IndexHNSWFlat(d, int(p["M"]), metric)
             inner.hnsw.efConstruction = int(p["ef_construction"])
-            return faiss.IndexIDMap2(inner)
+            return faiss.IndexIDMap2(self._whitened(inner))
         quantizer = faiss.IndexFlat(d, metric)
         if kind == "ivf":
             index = faiss.IndexIVFFlat(quantizer, d, int(p["nlist"]), metric)
@@ -148,15 +179,41 @@ class VectorIndex:
             index.pq.cp.min_points_per_centroid = 1  # small catalogs are expected: no stderr warning
         index.own_fields = True
         quantizer.this.disown()
+        return self._whitened(index)
+
+    def _whitened(self, inner):
+        """``inner`` behind the learned whitening (and L2 normalisation for cosine), if any."""
+        if not self.whiten:
+            return inner
+        index = faiss.IndexPreTransform(inner)
+        chain = [faiss.PCAMatrix(self.dim, self.whiten, -0.5, False)]
+        if self.spec.metric == "cosine":
+            chain.append(faiss.NormalizationTransform(self.whiten, 2.0))
+        for transform in reversed(chain):
+            index.prepend_transform(transform)
+        index.own_fields = True  # the C++ index deletes its parts: Python must not delete them too
+        inner.this.disown()
+        for transform in chain:
+            transform.this.disown()
         return index
+
+    def _transform(self, vectors: np.ndarray) -> np.ndarray:
+        """Vectors as the FAISS structure compares them: whitened when the index is."""
+        if not self.whiten:
+            return vectors
+        index = faiss.downcast_index(self.index)
+        if isinstance(index, faiss.IndexIDMap2):
+            index = faiss.downcast_index(index.index)
+        for i in range(index.chain.size()):
+            vectors = faiss.downcast_VectorTransform(index.chain.at(i)).apply(np.ascontiguousarray(vectors))
+        return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def _build(self):
         index = self._empty()
-        if self.spec.kind in ("ivf", "ivfpq"):
+        if self.spec.kind in ("ivf", "ivfpq") or self.whiten:
             if len(self.vectors) == 0:
                 raise IndexError_(f"an {self.spec.kind} index needs vectors to train on")
-            faiss_index = faiss.downcast_index(index)
-            faiss_index.train(self.vectors)
+            index.train(self.vectors)
         if len(self.ids):
             index.add_with_ids(self.vectors, self.ids)
         return index
@@ -169,9 +226,12 @@ class VectorIndex:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if len(ids) == 0:
             return
-        self.index.add_with_ids(vectors, ids)
         self.vectors = np.concatenate([self.vectors, vectors])
         self.ids = np.concatenate([self.ids, ids])
+        if not self.index.is_trained:  # a whitened index that was emptied: learn it again
+            self.index = self._build()
+        else:
+            self.index.add_with_ids(vectors, ids)
 
     def remove(self, ids: np.ndarray) -> int:
         """Remove the given int ids; return how many were removed."""
@@ -183,9 +243,7 @@ class VectorIndex:
         self.vectors = np.ascontiguousarray(self.vectors[keep])
         self.ids = np.ascontiguousarray(self.ids[keep])
         if self.spec.kind == "hnsw":  # HNSW cannot delete: rebuild the graph from the vectors
-            self.index = self._empty()
-            if len(self.ids):
-                self.index.add_with_ids(self.vectors, self.ids)
+            self.index = self._build() if len(self.ids) or not self.whiten else self._empty()
         else:
             self.index.remove_ids(faiss.IDSelectorBatch(ids))
         return removed
@@ -240,9 +298,9 @@ class VectorIndex:
 
     def _exact(self, queries: np.ndarray, k: int, mask: np.ndarray | None):
         vectors, ids = (self.vectors, self.ids) if mask is None else (self.vectors[mask], self.ids[mask])
-        flat = faiss.IndexFlat(self.dim, _faiss_metric(self.spec.metric))
-        flat.add(np.ascontiguousarray(vectors))
-        distances, positions = flat.search(queries, min(k, len(ids)))
+        flat = faiss.IndexFlat(self.whiten or self.dim, _faiss_metric(self.spec.metric))
+        flat.add(self._transform(np.ascontiguousarray(vectors)))
+        distances, positions = flat.search(self._transform(queries), min(k, len(ids)))
         return distances, np.where(positions >= 0, ids[np.maximum(positions, 0)], -1)
 
     @staticmethod

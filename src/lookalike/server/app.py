@@ -27,7 +27,7 @@ import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 from urllib.parse import quote
 
 import numpy as np
@@ -520,15 +520,16 @@ def _int_param(value: Any, name: str, low: int, high: int) -> int:
     return number
 
 
+ORIENT_DOC = "also try each photo turned by 90, 180 and 270 degrees (about 4x the featurizing time)"
+BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False}  # a yes/no in a query string or form field
+
+
 def _bool_param(value: Any, name: str) -> bool:
     if isinstance(value, bool):
         return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise QueryError(f"{name} must be true or false, got {str(value)[:40]!r}")
+    if value not in BOOL_WORDS:
+        raise QueryError(f"{name} must be true, false, 1 or 0, got {str(value)[:40]!r}")
+    return BOOL_WORDS[value]
 
 
 def _float_param(value: Any, name: str) -> float:
@@ -830,7 +831,7 @@ def create_app(settings: ServerSettings):
                 "min_score": {"type": "number"},
                 "filter": {"type": "string", "description": 'a JSON object, e.g. {"colour": "Black"}'},
                 "expand": expand_schema,
-                "orient": {"type": "boolean", "description": "also try the photo turned by 90/180/270 degrees"},
+                "orient": {"type": "string", "enum": list(BOOL_WORDS), "description": ORIENT_DOC},
             },
             **one_image(["file"], "anyOf"),
         }},
@@ -844,7 +845,7 @@ def create_app(settings: ServerSettings):
                 "min_score": {"type": "number"},
                 "filter": _FILTER_SCHEMA,
                 "expand": expand_schema,
-                "orient": {"type": "boolean", "description": "also try the photo turned by 90/180/270 degrees"},
+                "orient": {"type": "boolean", "description": ORIENT_DOC},
             },
             **one_image(["image_base64", "vector"]),
         }},
@@ -867,7 +868,7 @@ def create_app(settings: ServerSettings):
         min_score: float | None = QueryParam(None, description="hits scoring below it are dropped"),
         filter: str | None = QueryParam(None, description='a JSON object of metadata equalities, e.g. {"colour": "Black"}'),
         expand: int | None = QueryParam(None, ge=0, le=MAX_EXPAND, description="query expansion over that many nearest items (0: off)"),
-        orient: bool | None = QueryParam(None, description="also try each photo turned by 90, 180 and 270 degrees"),
+        orient: Literal["true", "false", "1", "0"] | None = QueryParam(None, description=ORIENT_DOC),
     ):
         """The most similar catalog items of each query image, most similar first.
 
