@@ -71,6 +71,7 @@ def cmd_build(args) -> int:
         batch_size=args.batch_size, weights=args.weights, device=args.device, strict=args.strict,
         force=args.force, progress=_progress_factory(args),
         crop_pct=args.crop_pct, pooling=args.pooling, tta=args.tta, whiten=args.whiten,
+        local_features=args.local_features,
     )
     report = vs.build_report
     if args.json:
@@ -86,7 +87,8 @@ def cmd_build(args) -> int:
 def cmd_search(args) -> int:
     vs = VisualSearch.open(args.index_dir, device=args.device)
     filt = _parse_filter(args.filter)
-    results = vs.search(list(args.queries), k=args.k, filter=filt, expand=args.expand, orient=args.orient)
+    results = vs.search(list(args.queries), k=args.k, filter=filt, expand=args.expand, orient=args.orient,
+                        verify=False if args.no_verify else None)
     if args.json:
         _print_json([r.to_dict() | {"query": q} for r, q in zip(results, args.queries)])
         return 0
@@ -97,6 +99,8 @@ def cmd_search(args) -> int:
         for h in result.hits:
             title = h.metadata.get("title")
             head = f"  {h.rank:>2}. {h.id}  score {h.score:.4f}"
+            if h.verified:
+                head += f"  verified ({h.inliers} inliers)"
             if title:
                 head += f"  {title}"
             print(head)
@@ -194,7 +198,8 @@ def cmd_evaluate(args) -> int:
     except ValueError:
         raise LookalikeError(f"-k must be a comma-separated list of whole numbers, got {args.k!r}") from None
     result = vs.evaluate(args.queries, label=args.label, ks=ks, leave_one_out=args.leave_one_out,
-                         expand=args.expand, orient=args.orient, progress=_progress_factory(args))
+                         expand=args.expand, orient=args.orient, verify=False if args.no_verify else None,
+                         progress=_progress_factory(args))
     if args.json:
         _print_json(result)
         return 0
@@ -295,6 +300,10 @@ ORIENT_HELP = ("also try each query photo turned by 90, 180 and 270 degrees (tak
                "and keep the turn that matches clearly better; about 4x the featurizing time")
 
 
+NO_VERIFY_HELP = ("do not verify the best candidates geometrically (an index built with --local-features "
+                  "does by default)")
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -339,6 +348,9 @@ def make_parser() -> argparse.ArgumentParser:
                    f"(default {DEFAULT_FEATURES['pooling']}; gem: generalized mean, p=3)")
     p.add_argument("--tta", choices=TTAS, help=f"flip: average with the mirror image's features, for catalog "
                    f"and queries alike (default {DEFAULT_FEATURES['tta']}; none is about 1.8x faster)")
+    p.add_argument("--local-features", action="store_true", help="also store each image's SIFT features, so "
+                   "searches verify their best candidates geometrically (printed products, boxes, labels: "
+                   "a phone photo then finds its item far more often); slower to build and to search")
     p.add_argument("--whiten", type=_non_negative_int, default=0, metavar="D", help="PCA-whiten to D dimensions, learned "
                    "from the catalog (default 0: off; it can hurt, measure first with `evaluate`)")
     p.set_defaults(func=cmd_build)
@@ -350,6 +362,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter", action="append", metavar="FIELD=VALUE", help="only items whose metadata matches (repeatable)")
     p.add_argument("--expand", type=_non_negative_int, default=0, metavar="N", help=EXPAND_HELP)
     p.add_argument("--orient", action="store_true", help=ORIENT_HELP)
+    p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("classify", parents=[common], help="the majority label among each query's k neighbours")
@@ -388,6 +401,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", default="1,5,10", help="comma-separated k values for recall@k (default 1,5,10)")
     p.add_argument("--expand", type=_non_negative_int, default=0, metavar="N", help=EXPAND_HELP)
     p.add_argument("--orient", action="store_true", help=ORIENT_HELP)
+    p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("models", parents=[common], help="list the models that can be used")

@@ -16,7 +16,8 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,11 @@ from . import __version__
 from .catalog import check_unique, read_catalog
 from .errors import CatalogError, ImageError, ModelError, QueryError, StoreError
 from .evaluate import combine, per_query
-from .featurizer import TURNS, Featurizer
-from .images import DEFAULT_POLICY, ImagePolicy, describe
+from .featurizer import TURNS, Featurizer, cpu_count
+from .local import LOCAL_ENTRY, MIN_INLIERS, LocalFeatures
+from .local import extract as extract_local
+from .local import inliers as local_inliers
+from .images import DEFAULT_POLICY, ImagePolicy, describe, load_image
 from .index import IndexWarning, VectorIndex, check_spec, check_vectors, prepare
 from .models import DEFAULT_MODEL, Weights, get_spec, resolve_weights, spec_from_manifest, with_features
 from .store import IndexDir, ItemTable
@@ -36,6 +40,7 @@ from .types import Hit, IndexSpec, Item, ModelSpec, SearchResult
 
 QE_ALPHA = 3.0  # query expansion: a neighbour's weight is its score to the query ** QE_ALPHA
 MAX_EXPAND = 50
+VERIFY_SHORTLIST = 20  # candidates from the global search that geometric verification looks at
 ORIENT_MARGIN = 0.05  # a turned query photo wins when its best hit scores this much above the upright one's
 
 ProgressFactory = Callable[[int], Any]  # total -> object with update(n) and close(), e.g. tqdm
@@ -132,6 +137,7 @@ class VisualSearch:
         pooling: str | None = None,
         tta: str | None = None,
         whiten: int = 0,
+        local_features: bool = False,
     ) -> "VisualSearch":
         """Featurize a catalog and write a new index directory at ``path``.
 
@@ -139,7 +145,8 @@ class VisualSearch:
         ``crop_pct``, ``pooling`` and ``tta`` say how features are made (None: the defaults of
         ``models.DEFAULT_FEATURES``); the manifest records them and every query uses the same.
         ``whiten``: PCA-whiten to that many dimensions, learned from the catalog (0: off; see
-        ``index.plan``).
+        ``index.plan``). ``local_features``: also store each image's SIFT features, so that
+        searches verify their best candidates geometrically (``local``; slower to build).
         """
         start = time.perf_counter()
         check_spec(index, metric)
@@ -153,6 +160,7 @@ class VisualSearch:
             raise CatalogError(f"{_name(catalog)}: none of its {len(items)} images could be read", subject=_name(catalog))
         vectors = prepare(vectors, metric)
         int_ids = np.arange(1, len(kept) + 1, dtype=np.int64)
+        local = _local_blobs(kept, int_ids, policy, _progress(progress)) if local_features else None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", IndexWarning)
             vindex = VectorIndex.create(index, metric, vectors, int_ids, whiten=whiten)
@@ -165,8 +173,11 @@ class VisualSearch:
             "next_int_id": int(int_ids[-1]) + 1 if len(int_ids) else 1,
             "source": _name(catalog),
         }
+        if local_features:
+            manifest["local_features"] = LOCAL_ENTRY
         IndexDir.create(
-            path, manifest, list(zip(int_ids.tolist(), kept)), vindex.vectors, vindex.ids, vindex.write_faiss, overwrite=force
+            path, manifest, list(zip(int_ids.tolist(), kept)), vindex.vectors, vindex.ids, vindex.write_faiss,
+            overwrite=force, local=local,
         )
         report.indexed = len(kept)
         report.seconds = time.perf_counter() - start
@@ -278,6 +289,7 @@ class VisualSearch:
         min_score: float | None = None,
         expand: int = 0,
         orient: bool = False,
+        verify: bool | None = None,
     ):
         """The k most similar items of each query, most similar first.
 
@@ -290,21 +302,66 @@ class VisualSearch:
         ``orient``: also try each query image turned by 90, 180 and 270 degrees (a photo taken
         with the camera on its side) and keep the turn whose best hit scores ORIENT_MARGIN
         above the upright one's; about 4x the featurizing time.
+        ``verify``: geometric verification of the best VERIFY_SHORTLIST candidates against the
+        query's local features (default: when the index was built with local features); hits
+        verified by enough inliers come first, the others keep their order. ``min_score`` never
+        drops a verified hit.
         """
         _check_k(k)
         _check_expand(expand)
         if min_score is not None and not (isinstance(min_score, (int, float)) and math.isfinite(min_score)):
             raise QueryError(f"min_score must be a finite number, got {min_score!r}")
         sources, single = self._as_list(queries)
+        names = self._names(sources)
+        local = None
+        if self._verifying(verify):  # decode once: the model and the local features see the same image
+            sources = [s if _is_vector(s) else load_image(s, policy=self.policy) for s in sources]
+            local = [None if _is_vector(s) else extract_local(s) for s in sources]
         if orient:
             vectors = self._upright(self._vectors(sources, turned=True), self._subset(filter))
         else:
             vectors = self._vectors(sources)
-        found = self._search_vectors(vectors, k, filter, expand)
+        found = self._search_vectors(vectors, k, filter, expand, local)
         if min_score is not None:
-            found = [[h for h in hits if h.score >= min_score] for hits in found]
-        results = [SearchResult(q, hits) for q, hits in zip(self._names(sources), found)]
+            found = [[h for h in hits if h.score >= min_score or h.verified] for hits in found]
+        results = [SearchResult(q, hits) for q, hits in zip(names, found)]
         return results[0] if single else results
+
+    def search_vectors(
+        self,
+        vectors: np.ndarray,
+        k: int = 5,
+        filter: dict[str, Any] | None = None,
+        min_score: float | None = None,
+        expand: int = 0,
+        local: list[LocalFeatures | None] | None = None,
+    ) -> list[list[Hit]]:
+        """search() for callers that featurize themselves: vectors [n, dim] and, to verify, each
+        query's local features (``local.extract``; None for a query without)."""
+        _check_k(k)
+        _check_expand(expand)
+        vectors = check_vectors(vectors, self.dim, "query vectors")
+        if local is not None and len(local) != len(vectors):
+            raise QueryError(f"{len(vectors)} query vectors but {len(local)} local feature sets")
+        if local is not None and not self.has_local_features:
+            local = None
+        found = self._search_vectors(vectors, k, filter, expand, local)
+        if min_score is not None:
+            found = [[h for h in hits if h.score >= min_score or h.verified] for hits in found]
+        return found
+
+    @property
+    def has_local_features(self) -> bool:
+        """Whether the index was built with local features for geometric verification."""
+        return bool(self.manifest.get("local_features"))
+
+    def _verifying(self, verify: bool | None) -> bool:
+        if verify is None:
+            return self.has_local_features
+        if verify and not self.has_local_features:
+            raise QueryError(f"{self.path}: built without local features, so it cannot verify; "
+                             "build it with --local-features", subject=str(self.path))
+        return bool(verify)
 
     def get(self, id: str) -> Item | None:
         """The item with this id as stored in the index (image reference and metadata), or None."""
@@ -328,14 +385,20 @@ class VisualSearch:
         return self._items.matching(filter)
 
     def _search_vectors(
-        self, vectors: np.ndarray, k: int, filter: dict[str, Any] | None, expand: int = 0
+        self,
+        vectors: np.ndarray,
+        k: int,
+        filter: dict[str, Any] | None,
+        expand: int = 0,
+        local: list[LocalFeatures | None] | None = None,
     ) -> list[list[Hit]]:
         subset = self._subset(filter)
         if subset is not None and len(subset) == 0:
             return [[] for _ in range(len(vectors))]
         if expand:
             vectors = self._expanded(vectors, expand, subset=subset)
-        scores, distances, int_ids = self._index.search(vectors, k, subset=subset)
+        shortlist = max(k, VERIFY_SHORTLIST) if local is not None else k
+        scores, distances, int_ids = self._index.search(vectors, shortlist, subset=subset)
         rows = self._items.rows(np.unique(int_ids))
         if len(rows) < len(np.unique(int_ids[int_ids >= 0])):
             raise StoreError(
@@ -345,12 +408,27 @@ class VisualSearch:
             )
         out = []
         for q in range(len(vectors)):
+            order = np.arange(int_ids.shape[1])
+            inliers = verified = None
+            if local is not None and local[q] is not None:
+                inliers = self._inliers(local[q], int_ids[q])
+                verified = inliers >= MIN_INLIERS
+                order = np.lexsort((order, -np.where(verified, inliers, 0), ~verified))  # verified first, most inliers
             hits = []
-            for r, (s, d, i) in enumerate(zip(scores[q], distances[q], int_ids[q]), start=1):
-                id_, label, image, metadata = rows[int(i)]
-                hits.append(Hit(r, id_, float(s), float(d), metadata, image))
+            for r, j in enumerate(order[:k], start=1):
+                id_, label, image, metadata = rows[int(int_ids[q, j])]
+                hit = Hit(r, id_, float(scores[q, j]), float(distances[q, j]), metadata, image)
+                if inliers is not None:
+                    hit = replace(hit, inliers=int(inliers[j]), verified=bool(verified[j]))
+                hits.append(hit)
             out.append(hits)
         return out
+
+    def _inliers(self, query: LocalFeatures, int_ids: np.ndarray) -> np.ndarray:
+        """Inliers the query shares with each candidate (0 for one without local features)."""
+        stored = self._items.local_features(int_ids)
+        return np.array([local_inliers(query, LocalFeatures.from_blobs(*stored[int(i)])) if int(i) in stored else 0
+                         for i in int_ids], dtype=np.int64)
 
     def upright(self, turned: np.ndarray, filter: dict[str, Any] | None = None) -> np.ndarray:
         """The vector to search with for each query given upright and turned ([n, 4, dim], as
@@ -468,11 +546,12 @@ class VisualSearch:
                     raise CatalogError(f"id {next(iter(present))!r} was added to the index by another process")
                 first = int(self.manifest.get("next_int_id", self._items.max_int_id() + 1))
                 int_ids = np.arange(first, first + len(kept), dtype=np.int64)
+                local = _local_blobs(kept, int_ids, self.policy, None) if self.has_local_features else None
                 vindex = VectorIndex(self._index.spec, self.dim, self._index.vectors, self._index.ids)
                 vindex.add(vectors, int_ids)
                 manifest = dict(self.manifest, next_int_id=int(int_ids[-1]) + 1)
                 self._store.commit(manifest, vindex.vectors, vindex.ids, vindex.write_faiss,
-                                   added=list(zip(int_ids.tolist(), kept)), removed=[])
+                                   added=list(zip(int_ids.tolist(), kept)), removed=[], local=local)
                 self._reload()
         report.indexed = len(kept)
         report.seconds = time.perf_counter() - start
@@ -511,6 +590,7 @@ class VisualSearch:
         leave_one_out: bool = False,
         expand: int = 0,
         orient: bool = False,
+        verify: bool | None = None,
         progress: bool | ProgressFactory | None = None,
     ) -> dict[str, Any]:
         """Recall@k, precision@1 and mAP (full ranking) of a query catalog against this index.
@@ -518,8 +598,9 @@ class VisualSearch:
         A hit is a neighbour whose metadata ``label`` equals the query's. A query that is itself
         in the index (same id and image) is left out of its own ranking (leave-one-out), and its
         stored vector is used instead of featurizing it again. ``leave_one_out=True`` (and no
-        ``queries``) makes every item of the index a query against the others. ``expand`` and
-        ``orient`` are search's (``orient`` applies to the queries that are featurized).
+        ``queries``) makes every item of the index a query against the others. ``expand``,
+        ``orient`` and ``verify`` are search's (``orient`` applies to the queries that are
+        featurized; a query that is an item of the index verifies with its stored local features).
         """
         _check_expand(expand)
         ks = sorted({int(k) for k in ks})
@@ -580,6 +661,7 @@ class VisualSearch:
                 keep[to_featurize[i]] = False
             skipped = len(result.errors)
 
+        local = self._query_local_features(items, self_ids, keep) if self._verifying(verify) else None
         gallery_labels = np.array([int_to_label.get(int(i)) for i in self._index.ids], dtype=object)
         label_counts: dict[Any, int] = {}
         for value in gallery_labels:
@@ -591,6 +673,13 @@ class VisualSearch:
             chunk = qs[s:s + 256]
             queries = self._expanded(vectors[chunk], expand, exclude=self_ids[chunk]) if expand else vectors[chunk]
             _, _, ranked = self._index.search(queries, n_all)
+            if local is not None:  # geometric verification reorders each query's shortlist
+                for row, q in zip(ranked, chunk):
+                    if local[q] is not None:
+                        head = row[:VERIFY_SHORTLIST].copy()
+                        inliers = self._inliers(local[q], head)
+                        verified = inliers >= MIN_INLIERS
+                        row[:len(head)] = head[np.lexsort((np.arange(len(head)), -np.where(verified, inliers, 0), ~verified))]
             ranked_labels = np.vectorize(int_to_label.get, otypes=[object])(ranked) if ranked.size else ranked
             query_labels = np.array([items[q].metadata[label] for q in chunk], dtype=object)
             relevant = ranked_labels == query_labels[:, None]
@@ -609,6 +698,20 @@ class VisualSearch:
         out["queries_per_s"] = round(len(qs) / seconds, 2) if seconds > 0 else None
         out["skipped"] = skipped
         out["left_out_self"] = int((self_ids[keep] >= 0).sum())
+        return out
+
+    def _query_local_features(self, items: list[Item], self_ids: np.ndarray, keep: np.ndarray) -> list[LocalFeatures | None]:
+        """Each evaluate query's local features: stored ones for an item of the index, else extracted."""
+        stored = self._items.local_features(self_ids[self_ids >= 0])
+        todo = [q for q in range(len(items)) if keep[q] and int(self_ids[q]) not in stored]
+        blobs = _local_blobs([items[q] for q in todo], np.arange(len(todo)), self.policy, None)
+        out: list[LocalFeatures | None] = [None] * len(items)
+        for q in range(len(items)):
+            if int(self_ids[q]) in stored:
+                out[q] = LocalFeatures.from_blobs(*stored[int(self_ids[q])])
+        for n, q in enumerate(todo):
+            if n in blobs:
+                out[q] = LocalFeatures.from_blobs(*blobs[n])
         return out
 
     def info(self) -> dict[str, Any]:
@@ -671,6 +774,34 @@ def _featurize_items(featurizer: Featurizer, items: list[Item], strict: bool, pr
             bar.close()
     report = Report(skipped=[(items[i].id, _reason(err)) for i, err in result.errors])
     return result.vectors, [items[i] for i in result.ok], report
+
+
+def _local_blobs(
+    items: list[Item], int_ids: np.ndarray, policy: ImagePolicy, progress: ProgressFactory | None
+) -> dict[int, tuple[bytes, bytes]]:
+    """int id -> local feature blobs of each item, extracted on every core (OpenCV releases the GIL).
+
+    An image that cannot be read now (it was a moment ago) just gets no local features.
+    """
+    def one(item: Item):
+        try:
+            return extract_local(load_image(item.image, policy=policy)).to_blobs()
+        except ImageError:
+            return None
+
+    bar = progress(len(items)) if progress else None
+    out = {}
+    try:
+        with ThreadPoolExecutor(max_workers=cpu_count(), thread_name_prefix="lookalike-local") as pool:
+            for int_id, blobs in zip(int_ids.tolist(), pool.map(one, items)):
+                if blobs is not None:
+                    out[int(int_id)] = blobs
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
 
 
 def _model_entry(spec: ModelSpec, weights: Weights, featurizer: Featurizer) -> dict[str, Any]:

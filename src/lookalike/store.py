@@ -64,6 +64,16 @@ CREATE UNIQUE INDEX IF NOT EXISTS items_live_id ON items(id) WHERE removed_gen I
 CREATE INDEX IF NOT EXISTS items_id ON items(id);
 """
 
+# Local features for geometric verification, one row per item that has them (int ids are never
+# reused, so a row lives and dies with its item's row). Indexes made before it lack the table.
+_LOCAL_SCHEMA = """
+CREATE TABLE IF NOT EXISTS local_features (
+    int_id INTEGER PRIMARY KEY,
+    points BLOB NOT NULL,
+    descriptors BLOB NOT NULL
+);
+"""
+
 _VISIBLE = "added_gen <= :gen AND (removed_gen IS NULL OR removed_gen > :gen)"
 
 
@@ -323,8 +333,12 @@ class IndexDir:
         write_faiss,
         *,
         overwrite: bool = False,
+        local: dict[int, tuple[bytes, bytes]] | None = None,
     ) -> "IndexDir":
-        """Write a new index directory (generation 1) beside the target, then move it into place."""
+        """Write a new index directory (generation 1) beside the target, then move it into place.
+
+        ``local``: int id -> (points, descriptors) blobs of the items' local features, if any.
+        """
         target = Path(path)
         if target.exists():
             if not target.is_dir():
@@ -344,11 +358,11 @@ class IndexDir:
             new = IndexDir(staging)
             conn = sqlite3.connect(staging / ITEMS_DB)
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(_SCHEMA)
+            conn.executescript(_SCHEMA + _LOCAL_SCHEMA)
             conn.close()
             manifest = dict(manifest, format_version=FORMAT_VERSION, generation=0, count=0, files={})
             manifest.setdefault("created_at", now())
-            new._commit(manifest, vectors, ids, write_faiss, added=items, removed=[])
+            new._commit(manifest, vectors, ids, write_faiss, added=items, removed=[], local=local)
             _fsync_dir(staging)
             if target.exists():
                 # One atomic swap where the file system has it, so a crash leaves the old or the new index.
@@ -376,15 +390,19 @@ class IndexDir:
         *,
         added: list[tuple[int, Item]],
         removed: Iterable[int],
+        local: dict[int, tuple[bytes, bytes]] | None = None,
     ) -> dict[str, Any]:
-        """Make the next generation: call under ``lock()`` with the manifest read under it."""
-        self.repair(manifest["generation"])
-        return self._commit(manifest, vectors, ids, write_faiss, added=added, removed=list(removed))
+        """Make the next generation: call under ``lock()`` with the manifest read under it.
 
-    def _commit(self, manifest, vectors, ids, write_faiss, *, added, removed) -> dict[str, Any]:
+        ``local``: int id -> (points, descriptors) blobs of the added items' local features.
+        """
+        self.repair(manifest["generation"])
+        return self._commit(manifest, vectors, ids, write_faiss, added=added, removed=list(removed), local=local)
+
+    def _commit(self, manifest, vectors, ids, write_faiss, *, added, removed, local=None) -> dict[str, Any]:
         gen = int(manifest["generation"]) + 1
         try:
-            new_manifest = self._write_generation(manifest, gen, vectors, ids, write_faiss, added, removed)
+            new_manifest = self._write_generation(manifest, gen, vectors, ids, write_faiss, added, removed, local or {})
         except (OSError, sqlite3.OperationalError, RuntimeError) as exc:  # disk full, I/O error, read-only
             self._discard(gen)
             raise _disk_error(self.path, exc, f"write generation {gen}") from exc
@@ -395,7 +413,7 @@ class IndexDir:
             self._cleanup(gen)
         return new_manifest
 
-    def _write_generation(self, manifest, gen, vectors, ids, write_faiss, added, removed) -> dict[str, Any]:
+    def _write_generation(self, manifest, gen, vectors, ids, write_faiss, added, removed, local) -> dict[str, Any]:
         files = {
             f"vectors-{gen}.npy": _write_atomic(self.path / f"vectors-{gen}.npy", lambda f: np.save(f, vectors)),
             f"ids-{gen}.npy": _write_atomic(self.path / f"ids-{gen}.npy", lambda f: np.save(f, ids)),
@@ -422,6 +440,12 @@ class IndexDir:
                     "UPDATE items SET removed_gen = ? WHERE int_id = ? AND removed_gen IS NULL",
                     [(gen, int(i)) for i in removed],
                 )
+                if local:
+                    conn.execute(_LOCAL_SCHEMA)  # an index made before the table existed (same transaction)
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO local_features(int_id, points, descriptors) VALUES (?, ?, ?)",
+                        [(int(i), p, d) for i, (p, d) in local.items()],
+                    )
         except sqlite3.IntegrityError as exc:
             raise StoreError(f"{self.path}: {ITEMS_DB} refused the change ({exc})") from exc
         finally:
@@ -462,6 +486,8 @@ class IndexDir:
         conn = sqlite3.connect(self.path / ITEMS_DB, timeout=30)
         try:
             with conn:
+                if _has_local_table(conn):
+                    conn.execute("DELETE FROM local_features WHERE int_id IN (SELECT int_id FROM items WHERE added_gen > ?)", (gen,))
                 conn.execute("DELETE FROM items WHERE added_gen > ?", (gen,))
                 conn.execute("UPDATE items SET removed_gen = NULL WHERE removed_gen > ?", (gen,))
         finally:
@@ -479,7 +505,11 @@ class IndexDir:
         conn = sqlite3.connect(self.path / ITEMS_DB, timeout=30)
         try:
             with conn:  # readers still on an older generation look these rows up: keep recent ones
-                conn.execute("DELETE FROM items WHERE removed_gen IS NOT NULL AND removed_gen < ?", (gen - KEEP_REMOVED_ROWS,))
+                old = (gen - KEEP_REMOVED_ROWS,)
+                if _has_local_table(conn):
+                    conn.execute("DELETE FROM local_features WHERE int_id IN "
+                                 "(SELECT int_id FROM items WHERE removed_gen IS NOT NULL AND removed_gen < ?)", old)
+                conn.execute("DELETE FROM items WHERE removed_gen IS NOT NULL AND removed_gen < ?", old)
         finally:
             conn.close()
 
@@ -615,9 +645,28 @@ class ItemTable:
         )
         return [(i, id_, label, image, json.loads(m)) for i, id_, label, image, m in cur]
 
+    def local_features(self, int_ids: Iterable[int]) -> dict[int, tuple[bytes, bytes]]:
+        """int_id -> (points, descriptors) blobs, for those of ``int_ids`` that have local features."""
+        if not _has_local_table(self.conn):
+            return {}
+        wanted = sorted({int(i) for i in int_ids})
+        out = {}
+        for start in range(0, len(wanted), 900):
+            chunk = wanted[start:start + 900]
+            marks = ",".join("?" * len(chunk))
+            for int_id, points, descriptors in self.conn.execute(
+                f"SELECT int_id, points, descriptors FROM local_features WHERE int_id IN ({marks})", chunk
+            ):
+                out[int_id] = (points, descriptors)
+        return out
+
     def max_int_id(self) -> int:
         row = self.conn.execute("SELECT MAX(int_id) FROM items").fetchone()
         return int(row[0]) if row and row[0] is not None else 0
+
+
+def _has_local_table(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'local_features'").fetchone() is not None
 
 
 def _sql_value(v: Any) -> Any:

@@ -24,7 +24,11 @@ class Item:
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result: rank (1 = most similar), id, similarity score, raw distance, metadata."""
+    """One search result: rank (1 = most similar), id, similarity score, raw distance, metadata.
+
+    With geometric verification, ``inliers`` and ``verified`` say what it found, and verified
+    hits rank first.
+    """
 
     rank: int
     id: str
@@ -32,15 +36,20 @@ class Hit:
     distance: float
     metadata: dict[str, Any]
     image: str | None = None
+    inliers: int | None = None  # geometric verification: local features shared with the query
+    verified: bool | None = None  # inliers enough to be sure it is this item (None: not checked)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "rank": self.rank,
             "id": self.id,
             "score": self.score,
             "distance": self.distance,
             "metadata": self.metadata,
         }
+        if self.verified is not None:
+            out.update(inliers=self.inliers, verified=self.verified)
+        return out
 
 
 @dataclass(frozen=True)

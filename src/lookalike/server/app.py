@@ -60,6 +60,8 @@ from ..errors import (
     StoreError,
 )
 from ..images import ImagePolicy, is_url, load_image
+from ..local import LocalFeatures
+from ..local import extract as extract_local
 from ..types import Item, SearchResult
 from . import sagemaker
 from .metrics import Metrics
@@ -181,6 +183,9 @@ class HitOut(_Strict):
     distance: float = Field(description="distance under the index's metric, lower is more similar")
     metadata: dict[str, Any]
     image_url: str = Field(description="the item's thumbnail, GET /items/{item_id}/image")
+    inliers: int | None = Field(None, ge=0, description="geometric verification: local features that match the "
+                                "query in one perspective (only where the index has local features)")
+    verified: bool | None = Field(None, description="enough inliers to be sure it is this item; verified hits come first")
 
 
 class QueryResultOut(_Strict):
@@ -521,6 +526,8 @@ def _int_param(value: Any, name: str, low: int, high: int) -> int:
 
 
 ORIENT_DOC = "also try each photo turned by 90, 180 and 270 degrees (about 4x the featurizing time)"
+VERIFY_DOC = ("geometric verification of the best candidates with local features (default: on when the index has "
+              "them); verified hits come first and carry inliers and verified")
 BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False}  # a yes/no in a query string or form field
 
 
@@ -747,7 +754,7 @@ def create_app(settings: ServerSettings):
                 for key, value in form.multi_items():
                     if isinstance(value, UploadFile):
                         queries.append(Query(value.filename or f"upload {len(queries) + 1}", data=await value.read()))
-                    elif key in ("k", "min_score", "filter", "expand", "orient"):
+                    elif key in ("k", "min_score", "filter", "expand", "orient", "verify"):
                         params[key] = _text_field(value, key)
                     elif key == "image_url":
                         queries.append(Query(value, url=_url_param(_text_field(value, key), "image_url", settings.allow_urls)))
@@ -767,13 +774,14 @@ def create_app(settings: ServerSettings):
                 raise QueryError(f"k must be a whole number from 1 to {settings.max_k}")
             if "expand" in body and (not isinstance(body["expand"], int) or isinstance(body["expand"], bool)):
                 raise QueryError(f"expand must be a whole number from 0 to {MAX_EXPAND}")
-            if "orient" in body and not isinstance(body["orient"], bool):
-                raise QueryError("orient must be true or false")
+            for key in ("orient", "verify"):
+                if key in body and not isinstance(body[key], bool):
+                    raise QueryError(f"{key} must be true or false")
             if "min_score" in body and (not isinstance(body["min_score"], (int, float)) or isinstance(body["min_score"], bool)):
                 raise QueryError("min_score must be a finite number")
             if "filter" in body and not isinstance(body["filter"], dict):
                 raise QueryError('filter must be a JSON object such as {"colour": "Black"}')
-            params.update({key: body[key] for key in ("k", "min_score", "filter", "expand", "orient") if key in body})
+            params.update({key: body[key] for key in ("k", "min_score", "filter", "expand", "orient", "verify") if key in body})
             return _json_queries(body, settings.allow_urls, dim), params
         if ctype.startswith("image/") or ctype == "application/octet-stream":
             return [Query("<body>", data=await request.body())], params
@@ -782,16 +790,22 @@ def create_app(settings: ServerSettings):
         )
 
     def run_search(
-        queries: list[Query], k: int, filter: dict | None, min_score: float | None, expand: int, orient: bool
+        queries: list[Query], k: int, filter: dict | None, min_score: float | None, expand: int, orient: bool,
+        verify: bool | None,
     ) -> tuple[list[dict[str, Any]], int]:
         # One image decoded and featurized at a time, outside the index lock: a request's memory is
         # one decoded image however many it sends, and writers wait only for the index search.
         featurizer, draft = shared.vs.featurizer, shared.vs.spec.resize_size
+        if verify and not shared.vs.has_local_features:
+            raise QueryError("this index was built without local features, so it cannot verify (build it with --local-features)")
+        verifying = shared.vs.has_local_features if verify is None else verify
         inputs: list[Any] = []
+        local: list[LocalFeatures | None] = []
         turned: dict[int, np.ndarray] = {}  # position -> the image's vectors upright and turned (orient)
         for q in queries:
             if q.vector is not None:
-                inputs.append(q.vector)
+                inputs.append(np.asarray(q.vector, np.float32))
+                local.append(None)
                 continue
             image = load_image(q.url if q.url is not None else q.data, policy=policy, draft_size=draft, name=q.name)
             q.data = None
@@ -801,15 +815,17 @@ def create_app(settings: ServerSettings):
                     inputs.append(None)
                 else:
                     inputs.append(featurizer.featurize([image], strict=True).vectors[0])
+                local.append(extract_local(image) if verifying else None)
             del image
         with shared.reading() as vs:
             if turned:
                 chosen = vs.upright(np.stack(list(turned.values())), filter=filter)
                 for pos, vector in zip(turned, chosen):
                     inputs[pos] = vector
-            results: list[SearchResult] = vs.search(inputs, k=k, filter=filter, min_score=min_score, expand=expand)
+            found = vs.search_vectors(np.stack(inputs), k=k, filter=filter, min_score=min_score, expand=expand,
+                                      local=local if verifying else None)
             generation = vs.generation
-        return [{"query": q.name, "hits": [_hit_dict(h) for h in r.hits]} for q, r in zip(queries, results)], generation
+        return [{"query": q.name, "hits": [_hit_dict(h) for h in hits]} for q, hits in zip(queries, found)], generation
 
     # Image URLs are part of the schema only when the service fetches them (--allow-urls).
     url_field = {"image_url": {"type": "string", "format": "uri", "description": "an image URL"}} if settings.allow_urls else {}
@@ -832,6 +848,7 @@ def create_app(settings: ServerSettings):
                 "filter": {"type": "string", "description": 'a JSON object, e.g. {"colour": "Black"}'},
                 "expand": expand_schema,
                 "orient": {"type": "string", "enum": list(BOOL_WORDS), "description": ORIENT_DOC},
+                "verify": {"type": "string", "enum": list(BOOL_WORDS), "description": VERIFY_DOC},
             },
             **one_image(["file"], "anyOf"),
         }},
@@ -846,6 +863,7 @@ def create_app(settings: ServerSettings):
                 "filter": _FILTER_SCHEMA,
                 "expand": expand_schema,
                 "orient": {"type": "boolean", "description": ORIENT_DOC},
+                "verify": {"type": "boolean", "description": VERIFY_DOC},
             },
             **one_image(["image_base64", "vector"]),
         }},
@@ -869,6 +887,7 @@ def create_app(settings: ServerSettings):
         filter: str | None = QueryParam(None, description='a JSON object of metadata equalities, e.g. {"colour": "Black"}'),
         expand: int | None = QueryParam(None, ge=0, le=MAX_EXPAND, description="query expansion over that many nearest items (0: off)"),
         orient: Literal["true", "false", "1", "0"] | None = QueryParam(None, description=ORIENT_DOC),
+        verify: Literal["true", "false", "1", "0"] | None = QueryParam(None, description=VERIFY_DOC),
     ):
         """The most similar catalog items of each query image, most similar first.
 
@@ -876,7 +895,8 @@ def create_app(settings: ServerSettings):
         (hits below it are dropped: no match is an empty list), ``filter`` (JSON object of
         metadata equalities; a list value means any of), ``expand`` (query expansion; the scores
         are then similarities to the expanded query), ``orient`` (also try each photo turned by
-        90, 180 and 270 degrees; about 4x the featurizing time).
+        90, 180 and 270 degrees; about 4x the featurizing time), ``verify`` (geometric
+        verification; on by default when the index has local features).
         """
         start = time.perf_counter()
         require_read_key(request)
@@ -886,8 +906,10 @@ def create_app(settings: ServerSettings):
         filter_ = _filter_param(params.get("filter"))
         expand_ = _int_param(params.get("expand", 0), "expand", 0, MAX_EXPAND)
         orient_ = _bool_param(params.get("orient", False), "orient")
+        verify_ = _bool_param(params["verify"], "verify") if params.get("verify") is not None else None
         async with gate.enter():
-            results, generation = await run_in_threadpool(run_search, queries, k_, filter_, min_score_, expand_, orient_)
+            results, generation = await run_in_threadpool(
+                run_search, queries, k_, filter_, min_score_, expand_, orient_, verify_)
         return JSONResponse({"results": results, "took_ms": round((time.perf_counter() - start) * 1000, 2)},
                             headers={"X-Index-Generation": str(generation)})
 
