@@ -76,6 +76,7 @@ CONFIGS = {
     "whiten128": ({**PLAIN, "whiten": 128}, {}),
     "qe": (PLAIN, {"expand": 2}),
     "orient": (PLAIN, {"orient": True}),
+    "verify": ({"local_features": True}, {}),  # the defaults plus geometric verification (issue 7)
     "default": ({}, {}),
     "default+qe": ({}, {"expand": 2}),
 }

@@ -104,6 +104,20 @@ def test_fashion_leave_one_out_precision(tmp_path):
     print("fashion leave-one-out, --expand 2:", expanded)
 
 
+def test_local_features_verify_phone_photos_from_the_command_line(tmp_path):
+    run("build", DATA / "grocery" / "catalog.csv", "-o", tmp_path / "g", "-q", "--local-features")
+    assert "local features: sift, up to 500 per image" in run("info", tmp_path / "g").stdout
+    photo = sorted((DATA / "grocery" / "photos" / "God-Morgon-Orange-Juice").glob("*.jpg"))[0]
+    out = run("search", tmp_path / "g", photo, "-k", "3").stdout
+    assert "verified (" in out.splitlines()[1] and "God-Morgon-Orange-Juice" in out.splitlines()[1]
+    assert "verified" not in run("search", tmp_path / "g", photo, "-k", "3", "--no-verify").stdout
+    hits = json.loads(run("search", tmp_path / "g", photo, "--json").stdout)[0]["hits"]
+    assert hits[0]["verified"] is True and hits[0]["inliers"] >= 12
+    result = json.loads(run("evaluate", tmp_path / "g", DATA / "grocery" / "queries.csv", "-k", "1", "--json").stdout)
+    print("grocery-iconic with verification:", result)
+    assert result["recall@1"] >= 0.45
+
+
 def test_build_options_say_how_features_are_made(tmp_path):
     run("build", SAMPLE / "catalog.csv", "-o", tmp_path / "plain", "-q", "--tta", "none", "--crop-pct", "0.875",
         "--pooling", "gem")

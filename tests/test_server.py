@@ -143,6 +143,9 @@ def test_a_sideways_photo_with_orient_answers_as_the_python_api_does(client, sam
         assert r.status_code == 200, r.text
         assert [h["id"] for h in r.json()["results"][0]["hits"]] == expected
     assert by_json.json()["results"][0]["hits"][0]["metadata"]["label"] == "Jeans"
+    unverified = upload(client, JEANS, k=5, verify="false")  # an index without local features: the same hits
+    assert [h["id"] for h in unverified.json()["results"][0]["hits"]] == [h["id"] for h in upload(client, JEANS, k=5).json()["results"][0]["hits"]]
+    assert "verified" not in unverified.json()["results"][0]["hits"][0]
 
 
 # --- /invocations --------------------------------------------------------------------------------
@@ -215,6 +218,7 @@ def test_bad_requests_get_4xx_json_and_the_service_keeps_answering(client, serve
         (upload(client, JEANS, min_score="nan"), 422, "finite"),
         (upload(client, JEANS, expand=51), 422, ""),
         (upload(client, JEANS, orient="maybe"), 422, ""),
+        (upload(client, JEANS, verify="true"), 422, "without local features"),
         (client.post("/search", json={"image_base64": "aGk=", "orient": "yes"}), 422, "orient"),
         (client.post("/search", json={"image_base64": "aGk=", "expand": "2"}), 422, "expand"),
         (client.post("/search", files=[("other", ("a.txt", b"hi", "text/plain"))]), 415, ""),
@@ -410,5 +414,29 @@ def test_several_workers_serve_the_same_index(sample_index):
         with httpx.Client(base_url=srv.url, timeout=60) as c:
             ids = {upload(c, JEANS, k=1).json()["results"][0]["hits"][0]["id"] for _ in range(6)}
             assert len(ids) == 1
+    finally:
+        srv.stop()
+
+
+def test_a_verifying_index_answers_with_inliers_as_the_python_api_does(tmp_path):
+    from conftest import DATA, Server
+
+    from lookalike import VisualSearch
+
+    index = tmp_path / "grocery"
+    vs = VisualSearch.build(DATA / "grocery" / "catalog.csv", index, local_features=True)
+    photos = sorted((DATA / "grocery" / "photos" / "God-Morgon-Orange-Juice").glob("*.jpg"))[:3]
+    expected = [[(h.id, h.inliers, h.verified) for h in r.hits] for r in vs.search(photos, k=5)]
+    srv = Server(index)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            for photo, want in zip(photos, expected):
+                r = c.post("/search", files=[("file", (photo.name, photo.read_bytes(), "image/jpeg"))], params={"k": 5})
+                assert r.status_code == 200, r.text
+                got = [(h["id"], h["inliers"], h["verified"]) for h in r.json()["results"][0]["hits"]]
+                assert [g[0] for g in got] == [w[0] for w in want] and got[0][2] is True
+                assert all(abs(g[1] - w[1]) <= 3 for g, w in zip(got, want))  # the service decodes JPEGs reduced
+            off = c.post("/search", json={"image_base64": base64.b64encode(photos[0].read_bytes()).decode(), "verify": False})
+            assert "verified" not in off.json()["results"][0]["hits"][0]
     finally:
         srv.stop()

@@ -158,6 +158,7 @@ def cmd_info(args) -> int:
         ("metric", info["metric"]),
         ("features", f"{info['features']['pooling']} pooling, crop {info['preprocessing'].get('crop_pct')}, "
                      f"flip {'on' if info['features']['tta'] == 'flip' else 'off'}"),
+        ("local features", _describe_local(info["local_features"])),
         ("index", f"{info['index']} {info['index_params'] or ''}".strip()),
         ("chosen because", info["chosen_because"]),
         ("items", info["count"]),
@@ -172,6 +173,12 @@ def cmd_info(args) -> int:
         print(f"{'verify:':<16}" + ("ok" if not info["problems"] else "; ".join(info["problems"])))
         return 0 if not info["problems"] else 2
     return 0
+
+
+def _describe_local(entry: dict | None) -> str:
+    if not entry:
+        return "none (searches are not verified geometrically; build with --local-features)"
+    return f"{entry['kind']}, up to {entry['max_points']} per image at {entry['size']} px: searches verify their best candidates"
 
 
 def cmd_doctor(args) -> int:

@@ -107,6 +107,7 @@ class VisualSearch:
         self._store = IndexDir(self.path)
         self._featurizer: Featurizer | None = None
         self._items: ItemTable | None = None
+        self._pool: ThreadPoolExecutor | None = None  # geometric verification, on every core
         self.build_report: Report | None = None
         self._reload()
 
@@ -241,6 +242,14 @@ class VisualSearch:
         if self._items is not None:
             self._items.close()
             self._items = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    def _workers(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=cpu_count(), thread_name_prefix="lookalike-verify")
+        return self._pool
 
     def __enter__(self) -> "VisualSearch":
         return self
@@ -313,14 +322,15 @@ class VisualSearch:
             raise QueryError(f"min_score must be a finite number, got {min_score!r}")
         sources, single = self._as_list(queries)
         names = self._names(sources)
-        local = None
-        if self._verifying(verify):  # decode once: the model and the local features see the same image
+        pending = None
+        if self._verifying(verify):  # decode once; local features are extracted while the model runs
             sources = [s if _is_vector(s) else load_image(s, policy=self.policy) for s in sources]
-            local = [None if _is_vector(s) else extract_local(s) for s in sources]
+            pending = [None if _is_vector(s) else self._workers().submit(extract_local, s) for s in sources]
         if orient:
             vectors = self._upright(self._vectors(sources, turned=True), self._subset(filter))
         else:
             vectors = self._vectors(sources)
+        local = None if pending is None else [None if f is None else f.result() for f in pending]
         found = self._search_vectors(vectors, k, filter, expand, local)
         if min_score is not None:
             found = [[h for h in hits if h.score >= min_score or h.verified] for hits in found]
@@ -427,8 +437,12 @@ class VisualSearch:
     def _inliers(self, query: LocalFeatures, int_ids: np.ndarray) -> np.ndarray:
         """Inliers the query shares with each candidate (0 for one without local features)."""
         stored = self._items.local_features(int_ids)
-        return np.array([local_inliers(query, LocalFeatures.from_blobs(*stored[int(i)])) if int(i) in stored else 0
-                         for i in int_ids], dtype=np.int64)
+
+        def count(int_id) -> int:
+            blobs = stored.get(int(int_id))
+            return local_inliers(query, LocalFeatures.from_blobs(*blobs)) if blobs is not None else 0
+
+        return np.fromiter(self._workers().map(count, int_ids), dtype=np.int64, count=len(int_ids))
 
     def upright(self, turned: np.ndarray, filter: dict[str, Any] | None = None) -> np.ndarray:
         """The vector to search with for each query given upright and turned ([n, 4, dim], as
@@ -731,6 +745,7 @@ class VisualSearch:
             "size_bytes": self._store.disk_size(),
             "preprocessing": m["model"].get("preprocessing", {}),
             "features": self.spec.features(),
+            "local_features": m.get("local_features"),
             "created_at": m.get("created_at"),
             "updated_at": m.get("updated_at"),
             "format_version": m["format_version"],

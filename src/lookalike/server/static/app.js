@@ -55,6 +55,11 @@
     return url;
   }
 
+  // A hit that geometric verification confirmed (the index has local features): say so.
+  function verifiedText(hit) {
+    return hit.verified === true ? ` · verified (${Number(hit.inliers)} matching points)` : "";
+  }
+
   class ApiError extends Error {}
 
   // POST one image to /search; resolves to the parsed JSON, rejects with a readable ApiError.
@@ -251,7 +256,7 @@
       if (seq !== searchSeq) return;
       const ms = performance.now() - t0;
       const hits = (data.results[0] && data.results[0].hits) || [];
-      renderHits(hits.map((hit) => ({ hit, scoreText: "score " + fmtScore(hit.score) })));
+      renderHits(hits.map((hit) => ({ hit, scoreText: "score " + fmtScore(hit.score) + verifiedText(hit) })));
       showNoMatch(hits.length === 0, minScore);
       const took = typeof data.took_ms === "number" ? ` (server ${fmtMs(data.took_ms)})` : "";
       setStatus(
@@ -522,7 +527,7 @@
       .slice(0, k)
       .map((v) => ({
         hit: v.hit,
-        scoreText: `score ${fmtScore(v.sum / frames)} · in ${v.n}/${frames} frames`,
+        scoreText: `score ${fmtScore(v.sum / frames)} · in ${v.n}/${frames} frames` + verifiedText(v.hit),
         votes: v,
       }));
   }
