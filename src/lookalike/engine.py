@@ -29,11 +29,11 @@ from .catalog import check_unique, read_catalog
 from .errors import CatalogError, ImageError, ModelError, QueryError, StoreError
 from .evaluate import combine, per_query
 from .featurizer import TURNS, Featurizer, cpu_count
+from .images import DEFAULT_POLICY, ImagePolicy, describe, load_image
+from .index import IndexWarning, VectorIndex, check_spec, check_vectors, prepare
 from .local import LOCAL_ENTRY, MIN_INLIERS, LocalFeatures
 from .local import extract as extract_local
 from .local import inliers as local_inliers
-from .images import DEFAULT_POLICY, ImagePolicy, describe, load_image
-from .index import IndexWarning, VectorIndex, check_spec, check_vectors, prepare
 from .models import DEFAULT_MODEL, Weights, get_spec, resolve_weights, spec_from_manifest, with_features
 from .store import IndexDir, ItemTable
 from .types import Hit, IndexSpec, Item, ModelSpec, SearchResult
@@ -423,7 +423,7 @@ class VisualSearch:
             if local is not None and local[q] is not None:
                 inliers = self._inliers(local[q], int_ids[q])
                 verified = inliers >= MIN_INLIERS
-                order = np.lexsort((order, -np.where(verified, inliers, 0), ~verified))  # verified first, most inliers
+                order = _verified_first(inliers)
             hits = []
             for r, j in enumerate(order[:k], start=1):
                 id_, label, image, metadata = rows[int(int_ids[q, j])]
@@ -691,9 +691,7 @@ class VisualSearch:
                 for row, q in zip(ranked, chunk):
                     if local[q] is not None:
                         head = row[:VERIFY_SHORTLIST].copy()
-                        inliers = self._inliers(local[q], head)
-                        verified = inliers >= MIN_INLIERS
-                        row[:len(head)] = head[np.lexsort((np.arange(len(head)), -np.where(verified, inliers, 0), ~verified))]
+                        row[:len(head)] = head[_verified_first(self._inliers(local[q], head))]
             ranked_labels = np.vectorize(int_to_label.get, otypes=[object])(ranked) if ranked.size else ranked
             query_labels = np.array([items[q].metadata[label] for q in chunk], dtype=object)
             relevant = ranked_labels == query_labels[:, None]
@@ -829,6 +827,13 @@ def _model_entry(spec: ModelSpec, weights: Weights, featurizer: Featurizer) -> d
         "features": spec.features(),
         "runtime": featurizer.runtime,
     }
+
+
+def _verified_first(inliers: np.ndarray) -> np.ndarray:
+    """The order of a shortlist after verification: verified candidates first, most inliers
+    first; the others after them, in their own (global) order."""
+    verified = inliers >= MIN_INLIERS
+    return np.lexsort((np.arange(len(inliers)), -np.where(verified, inliers, 0), ~verified))
 
 
 def _check_expand(expand: Any) -> None:
