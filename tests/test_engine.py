@@ -16,6 +16,7 @@ from lookalike import (
     Hit,
     ImageError,
     ImageNotFoundError,
+    Item,
     ModelError,
     QueryError,
     SearchResult,
@@ -368,12 +369,12 @@ def test_geometric_verification_finds_more_phone_photos_of_printed_products(groc
 
     vs = grocery_verified
     assert vs.has_local_features and vs.info()["local_features"]["kind"] == "sift"
-    rows = list(csv.DictReader(open(DATA / "grocery" / "queries.csv")))[::2]  # 243 phone photos from shops
+    rows = list(csv.DictReader(open(DATA / "grocery" / "queries.csv")))[::4]  # 122 phone photos from shops
     photos = [DATA / "grocery" / r["image"] for r in rows]
     plain = vs.search(photos, k=5, verify=False)
     verified = vs.search(photos, k=5)  # an index with local features verifies by default
     first = lambda results: sum(r.hits[0].metadata["label"] == row["label"] for r, row in zip(results, rows))  # noqa: E731
-    assert first(verified) >= first(plain) + 0.05 * len(rows), (first(plain), first(verified))
+    assert first(verified) >= first(plain) + 0.06 * len(rows), (first(plain), first(verified))
     for result in verified:
         flags = [h.verified for h in result.hits]
         assert flags == sorted(flags, reverse=True), "verified hits come first"
@@ -384,8 +385,9 @@ def test_geometric_verification_finds_more_phone_photos_of_printed_products(groc
     assert hit.to_dict()["verified"] is True and hit.to_dict()["inliers"] == hit.inliers
     assert "verified" not in plain[0].hits[0].to_dict()
     # evaluate verifies the same way
-    assert vs.evaluate(DATA / "grocery" / "queries.csv", ks=[1])["recall@1"] > vs.evaluate(
-        DATA / "grocery" / "queries.csv", ks=[1], verify=False)["recall@1"]
+    queries = [Item(id=r["id"], image=str(p), label=r["label"], metadata={"label": r["label"]}) for r, p in zip(rows, photos)]
+    assert vs.evaluate(queries, ks=[1])["recall@1"] == first(verified) / len(rows)
+    assert vs.evaluate(queries, ks=[1], verify=False)["recall@1"] == first(plain) / len(rows)
 
 
 def test_a_thing_not_in_the_catalog_gets_no_verified_hit_and_a_low_score(grocery_verified, sample_index):
