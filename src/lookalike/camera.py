@@ -292,7 +292,8 @@ def compose(cv2, frame: np.ndarray, hits: list, thumbs: Thumbnails, status: str)
         cv2.putText(canvas, _ascii(f"{hit.rank}. {title}", 36), (tx, y + 18), font, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
         if location:
             cv2.putText(canvas, _ascii(location, 38), (tx, y + 40), font, 0.45, (120, 220, 255), 1, cv2.LINE_AA)
-        cv2.putText(canvas, _ascii(f"score {hit.score:.3f}  id {hit.id}", 38), (tx, y + 62), font, 0.42,
+        verified = "  verified" if hit.verified else ""
+        cv2.putText(canvas, _ascii(f"score {hit.score:.3f}{verified}  id {hit.id}", 38), (tx, y + 62), font, 0.42,
                     (170, 170, 170), 1, cv2.LINE_AA)
     return canvas
 
