@@ -310,7 +310,7 @@ def run_camera(
     max_queries: int | None = None,
     out: IO[str] | None = None,
     err: IO[str] | None = None,
-    orient: bool = True,
+    orient: bool = False,
 ) -> int:
     """Search ``vs`` with frames of ``source`` until it ends; the exit code (0).
 

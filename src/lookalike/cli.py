@@ -270,7 +270,7 @@ def cmd_camera(args) -> int:
     source: int | str = int(args.source) if args.source.isdigit() else args.source
     return run_camera(
         vs, source=source, every_ms=args.every_ms, k=args.k, headless=args.headless,
-        max_queries=args.max_queries, out=sys.stdout, orient=not args.no_orient,
+        max_queries=args.max_queries, out=sys.stdout, orient=args.orient,
     )
 
 
@@ -443,8 +443,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=_positive_int, default=5, help="hits per query (default 5)")
     p.add_argument("--headless", action="store_true", help="no window: one JSON line per query, then the queries/s")
     p.add_argument("--max-queries", type=_positive_int, help="stop after this many queries")
-    p.add_argument("--no-orient", action="store_true", help="do not try the frame turned by 90/180/270 degrees "
-                   "(about 4x less featurizing per query)")
+    p.add_argument("--orient", action="store_true", help="also try each frame turned by 90/180/270 degrees "
+                   "(a camera held sideways; about 4x the featurizing per query)")
     p.set_defaults(func=cmd_camera)
     return parser
 

@@ -50,7 +50,6 @@
   function searchUrl(k, minScore) {
     const url = new URL("search", document.baseURI);
     url.searchParams.set("k", String(k));
-    url.searchParams.set("orient", "1"); // a phone photo or camera frame may be taken sideways
     if (minScore !== null) url.searchParams.set("min_score", String(minScore));
     return url;
   }

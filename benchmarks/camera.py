@@ -1,0 +1,472 @@
+"""Camera photos against a clean catalog: recall and single-query time with orientation and geometric verification.
+
+Two protocols, each with one gallery of clean catalog pictures and photos of those things as
+queries, and five rows, all measured in the same run:
+
+- grocery-iconic: gallery ``grocery/catalog.csv`` (81 catalog pictures), queries
+  ``grocery/queries.csv`` (486 phone photos taken in shops); recall@1 and recall@5 of the fine
+  ``label`` and of ``coarse_label`` (see ``../shared/data/README.md``).
+- camera-sim: synthetic camera photos, built in the temporary folder with one
+  ``np.random.default_rng(SEED)`` (SEED = 0), drawn in this order:
+
+  1. gallery (200 pictures): the 81 grocery iconic pictures (``grocery/catalog.csv`` order, id
+     ``grocery-<id>``), then 119 of ``fashion-products-2000/items.csv`` (row numbers
+     ``rng.choice(2000, 119, replace=False)``, sorted, id ``fashion-<id>``). Each item's label is
+     its own id, so each query has exactly one correct item.
+  2. the turned queries: ``rng.permutation(400)[:100]`` are the 100 of the 400 queries (1 in 4)
+     whose whole frame is turned at the end, as by a phone held sideways.
+  3. for each gallery picture in gallery order, two queries (``<id>-a``, ``<id>-b``; query number
+     2 * gallery position + 0 or 1), each drawing in this order:
+
+     - background: one of the photos in ``backgrounds/`` (sorted file names), scaled so it covers
+       640x480 (aspect kept), then a random 640x480 crop (offsets uniform);
+     - size: the item's quadrilateral covers ``U(0.10, 0.60)`` of the 640x480 frame area (measured
+       before clipping at the frame edges);
+     - perspective: the item rectangle (aspect kept) has its four corners moved independently by
+       ``U(-0.15, 0.15)`` of its width in x and of its height in y;
+     - rotation: ``U(-30, 30)`` degrees about the quadrilateral's centroid, after which the
+       quadrilateral is scaled about its centroid to the drawn area exactly;
+     - position: the centroid is uniform over the positions that keep the quadrilateral's
+       bounding box inside the frame (centred on an axis where the box is larger than the frame,
+       so big tilted items are cut off at both sides);
+     - the picture is warped onto the quadrilateral with ``cv2.warpPerspective`` (bilinear) and
+       blended over the background through an equally warped mask (soft edges);
+     - glare: centre uniform over the frame, radius ``U(0.15, 0.5)`` x 640, strength ``U(0, 180)``;
+       adds ``strength * max(0, 1 - d / radius) ** 2`` to every channel (white radial gradient);
+     - blur: Gaussian, sigma ``U(0, 1.5)`` (``cv2.GaussianBlur``; none below 0.1);
+     - photometric: contrast ``U(0.75, 1.25)`` about 128, brightness ``U(-30, 30)``, then a gain of
+       ``U(0.88, 1.12)`` per RGB channel (a colour cast); clipped to 0..255;
+     - turn: for the turned queries, ``rng.integers(1, 4)`` quarter turns (90/180/270 degrees,
+       ``np.rot90``) of the whole frame, so those photos are 480x640;
+     - saved as JPEG quality 85 (Pillow).
+
+Rows (public API only; one index per gallery per build, built fresh in the same run):
+
+- plain: ``VisualSearch.build(..., tta="none", crop_pct=0.875)``, ``search(photo, k=5)``;
+- default: ``VisualSearch.build(...)`` (no options), ``search(photo, k=5)``;
+- default+orient: the same index, ``search(photo, k=5, orient=True)``;
+- default+verify: ``VisualSearch.build(..., local_features=True)``, ``search(photo, k=5)``
+  (an index with local features verifies by default);
+- default+verify+orient: the same index, ``search(photo, k=5, orient=True)``: the camera default,
+  what the web page's camera mode and ``lookalike camera`` do.
+
+Query ms is the wall time of one ``vs.search(photo_path, k=5, ...)`` call per photo (decoding,
+featurizing, turning, searching and verification included); the table gives the median over the
+protocol's queries, one untimed search per row first. For the verify rows it also prints the
+share of queries whose top hit is verified and how often a verified top hit is correct. The
+targets (PASS/FAIL) are for the camera default: grocery-iconic fine recall@1 >= 0.50,
+camera-sim recall@1 >= 0.95, median query time <= 150 ms over both protocols' queries.
+
+    .venv/bin/python benchmarks/camera.py [--protocols grocery-iconic,camera-sim] [--max-queries N]
+                                          [--save-photos DIR] [--json FILE] [--data DIR]
+
+Indexes and synthetic photos go to a temporary folder; nothing is written beside the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SEED = 0
+FRAME_W, FRAME_H = 640, 480
+FASHION_ITEMS = 119
+TURNED_QUERIES = 100  # of 400
+JPEG_QUALITY = 85
+PROTOCOLS = ("grocery-iconic", "camera-sim")
+# row -> (index: "plain" / "default" / "verified", search options)
+ROWS = {
+    "plain": ("plain", {}),
+    "default": ("default", {}),
+    "default+orient": ("default", {"orient": True}),
+    "default+verify": ("verified", {}),
+    "default+verify+orient": ("verified", {"orient": True}),
+}
+CAMERA_DEFAULT = "default+verify+orient"
+TARGET_GROCERY_R1 = 0.50
+TARGET_SIM_R1 = 0.95
+TARGET_MS = 150.0
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("LOOKALIKE_DATA", REPO.parent / "shared" / "data"))
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# --- the protocols: gallery CSV and queries ------------------------------------------------------
+
+
+def grocery_iconic(data: Path, work: Path) -> tuple[Path, list[dict]]:
+    """The gallery CSV (absolute image paths) and the queries: dicts with image, label, coarse_label."""
+    catalog = read_rows(data / "grocery" / "catalog.csv")
+    for row in catalog:
+        row["image"] = str((data / "grocery" / row["image"]).resolve())
+    gallery = work / "grocery-gallery.csv"
+    write_csv(gallery, ["id", "image", "label", "coarse_label", "title"], catalog)
+    queries = read_rows(data / "grocery" / "queries.csv")
+    for row in queries:
+        row["image"] = str((data / "grocery" / row["image"]).resolve())
+    return gallery, queries
+
+
+def cover_crop(background, rng: np.random.Generator) -> np.ndarray:
+    """Scale a PIL image so it covers FRAME_W x FRAME_H (aspect kept), then a random crop of that size."""
+    from PIL import Image
+
+    w, h = background.size
+    scale = max(FRAME_W / w, FRAME_H / h)
+    size = (max(FRAME_W, round(w * scale)), max(FRAME_H, round(h * scale)))
+    big = np.asarray(background.convert("RGB").resize(size, Image.BICUBIC))
+    x = int(rng.integers(0, size[0] - FRAME_W + 1))
+    y = int(rng.integers(0, size[1] - FRAME_H + 1))
+    return big[y:y + FRAME_H, x:x + FRAME_W].astype(np.float32)
+
+
+def quad_area(quad: np.ndarray) -> float:
+    x, y = quad[:, 0], quad[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+def camera_photo(picture: Path, backgrounds: list[Path], turn: bool, rng: np.random.Generator) -> tuple:
+    """One synthetic camera photo of ``picture`` (RGB uint8 array) and the parameters drawn for it."""
+    import cv2
+    from PIL import Image
+
+    # background
+    b = int(rng.integers(len(backgrounds)))
+    with Image.open(backgrounds[b]) as im:
+        frame = cover_crop(im, rng)
+    with Image.open(picture) as im:
+        item = np.asarray(im.convert("RGB"))
+    ih, iw = item.shape[:2]
+
+    # size, perspective, rotation, position
+    area = float(rng.uniform(0.10, 0.60)) * FRAME_W * FRAME_H
+    s = np.sqrt(area / (iw * ih))
+    pw, ph = iw * s, ih * s
+    quad = np.array([[0, 0], [pw, 0], [pw, ph], [0, ph]], dtype=np.float64)
+    quad += rng.uniform(-0.15, 0.15, size=(4, 2)) * np.array([pw, ph])
+    angle = float(rng.uniform(-30, 30))
+    quad -= quad.mean(axis=0)
+    a = np.deg2rad(angle)
+    quad = quad @ np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
+    quad *= np.sqrt(area / quad_area(quad))
+    lo, hi = quad.min(axis=0), quad.max(axis=0)
+    centre = []
+    for axis, size in ((0, FRAME_W), (1, FRAME_H)):
+        low, high = -lo[axis], size - hi[axis]
+        u = float(rng.uniform())  # always drawn, so every photo draws the same count
+        centre.append(low + u * (high - low) if high > low else size / 2 - (lo[axis] + hi[axis]) / 2)
+    quad += np.array(centre)
+
+    # warp and blend
+    src = np.array([[0, 0], [iw, 0], [iw, ih], [0, ih]], dtype=np.float32)
+    homography = cv2.getPerspectiveTransform(src, quad.astype(np.float32))
+    warped = cv2.warpPerspective(item, homography, (FRAME_W, FRAME_H), flags=cv2.INTER_LINEAR,
+                                 borderMode=cv2.BORDER_CONSTANT, borderValue=0).astype(np.float32)
+    mask = cv2.warpPerspective(np.full((ih, iw), 255, np.uint8), homography, (FRAME_W, FRAME_H),
+                               flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    alpha = (mask.astype(np.float32) / 255.0)[:, :, None]
+    frame = frame * (1 - alpha) + warped * alpha
+
+    # glare
+    gx, gy = float(rng.uniform(0, FRAME_W)), float(rng.uniform(0, FRAME_H))
+    radius = float(rng.uniform(0.15, 0.5)) * FRAME_W
+    strength = float(rng.uniform(0, 180))
+    yy, xx = np.mgrid[0:FRAME_H, 0:FRAME_W].astype(np.float32)
+    d = np.sqrt((xx - gx) ** 2 + (yy - gy) ** 2)
+    frame = frame + (strength * np.maximum(0.0, 1.0 - d / radius) ** 2)[:, :, None]
+    frame = np.clip(frame, 0, 255)
+
+    # blur
+    sigma = float(rng.uniform(0, 1.5))
+    if sigma >= 0.1:
+        frame = cv2.GaussianBlur(frame, (0, 0), sigmaX=sigma)
+
+    # brightness, contrast, colour
+    contrast = float(rng.uniform(0.75, 1.25))
+    brightness = float(rng.uniform(-30, 30))
+    gains = rng.uniform(0.88, 1.12, size=3)
+    frame = ((frame - 128.0) * contrast + 128.0 + brightness) * gains.astype(np.float32)
+    photo = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
+
+    # a phone held sideways
+    quarter_turns = int(rng.integers(1, 4)) if turn else 0
+    if quarter_turns:
+        photo = np.ascontiguousarray(np.rot90(photo, quarter_turns))
+
+    params = {"background": backgrounds[b].name, "area": area / (FRAME_W * FRAME_H), "angle": angle,
+              "sigma": sigma, "glare": strength, "contrast": contrast, "brightness": brightness,
+              "turn": 90 * quarter_turns}
+    return photo, params
+
+
+def camera_sim(data: Path, work: Path) -> tuple[Path, list[dict]]:
+    """Write the 200-picture gallery CSV and the 400 synthetic photos into ``work``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(SEED)
+    gallery = []
+    for row in read_rows(data / "grocery" / "catalog.csv"):
+        gallery.append({"id": f"grocery-{row['id']}", "image": str((data / "grocery" / row["image"]).resolve())})
+    fashion = read_rows(data / "fashion-products-2000" / "items.csv")
+    for i in sorted(rng.choice(len(fashion), FASHION_ITEMS, replace=False)):
+        row = fashion[int(i)]
+        gallery.append({"id": f"fashion-{row['id']}",
+                        "image": str((data / "fashion-products-2000" / row["image"]).resolve())})
+    for row in gallery:
+        row["label"] = row["id"]
+    gallery_csv = work / "camera-sim-gallery.csv"
+    write_csv(gallery_csv, ["id", "image", "label"], gallery)
+
+    backgrounds = sorted(p for p in (data / "backgrounds").iterdir() if p.suffix.lower() == ".jpg")
+    turned = set(int(i) for i in rng.permutation(2 * len(gallery))[:TURNED_QUERIES])
+    photos = work / "camera-sim"
+    photos.mkdir()
+    queries = []
+    for g, row in enumerate(gallery):
+        for j, suffix in enumerate("ab"):
+            photo, params = camera_photo(Path(row["image"]), backgrounds, 2 * g + j in turned, rng)
+            path = photos / f"{row['id']}-{suffix}.jpg"
+            Image.fromarray(photo).save(path, quality=JPEG_QUALITY)
+            queries.append({"id": f"{row['id']}-{suffix}", "image": str(path), "label": row["id"], **params})
+    return gallery_csv, queries
+
+
+# --- measuring -----------------------------------------------------------------------------------
+
+
+def evenly(queries: list[dict], limit: int | None) -> list[dict]:
+    if limit is None or limit >= len(queries):
+        return queries
+    return [queries[int(i)] for i in np.linspace(0, len(queries) - 1, limit).round()]
+
+
+def measure(vs, queries: list[dict], columns: list[str], options: dict) -> dict:
+    """Search every query once with k=5 and ``options``; recall@1/@5 per label column, times, verified top hits."""
+    vs.search(queries[0]["image"], k=5, **options)  # untimed: thread pools, caches
+    hits1 = {c: 0 for c in columns}
+    hits5 = {c: 0 for c in columns}
+    ms = []
+    top_verified = 0
+    verified_correct = {c: 0 for c in columns}
+    for q in queries:
+        start = time.perf_counter()
+        result = vs.search(q["image"], k=5, **options)
+        ms.append(1000 * (time.perf_counter() - start))
+        hits = result.hits
+        for c in columns:
+            found = [h.metadata.get(c) == q[c] for h in hits]
+            hits1[c] += bool(found[:1] and found[0])
+            hits5[c] += any(found[:5])
+            if hits and hits[0].verified and found[0]:
+                verified_correct[c] += 1
+        if hits and hits[0].verified:
+            top_verified += 1
+    n = len(queries)
+    return {
+        "queries": n,
+        **{f"recall@1[{c}]": hits1[c] / n for c in columns},
+        **{f"recall@5[{c}]": hits5[c] / n for c in columns},
+        "median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "ms": ms,
+        "top_verified": top_verified,
+        **{f"verified_correct[{c}]": verified_correct[c] for c in columns},
+    }
+
+
+def run(protocols: list[str], data: Path, work: Path, limit: int | None, save_photos: Path | None, say) -> dict:
+    from lookalike import VisualSearch
+
+    results = {}
+    for p in protocols:
+        if p == "grocery-iconic":
+            gallery, queries = grocery_iconic(data, work)
+            columns = ["label", "coarse_label"]
+        else:
+            made_at = time.perf_counter()
+            gallery, queries = camera_sim(data, work)
+            columns = ["label"]
+            turned = sum(1 for q in queries if q["turn"])
+            say(f"{p}: wrote {len(queries)} synthetic photos ({turned} turned) in {time.perf_counter() - made_at:.1f} s")
+            if save_photos is not None:
+                import shutil
+                save_photos.mkdir(parents=True, exist_ok=True)
+                for q in queries:
+                    shutil.copy(q["image"], save_photos / Path(q["image"]).name)
+                say(f"{p}: copied the photos to {save_photos}")
+        queries = evenly(queries, limit)
+        builds = {
+            "plain": {"tta": "none", "crop_pct": 0.875},
+            "default": {},
+            "verified": {"local_features": True},
+        }
+        results[p] = {"gallery": str(gallery), "columns": columns, "rows": {}, "builds": {}}
+        for index_name, build_kwargs in builds.items():
+            start = time.perf_counter()
+            vs = VisualSearch.build(gallery, work / f"{p}-{index_name}", progress=False, **build_kwargs)
+            seconds = time.perf_counter() - start
+            report = vs.build_report
+            features = vs.info().get("features", {})
+            say(f"{p}: index {index_name} {build_kwargs or '(no options)'}: {report.indexed} images in "
+                f"{seconds:.1f} s; features {features}, local features {vs.has_local_features}")
+            for w in report.warnings:
+                say(f"{p}: index {index_name}: warning: {w}")
+            results[p]["builds"][index_name] = {"kwargs": build_kwargs, "indexed": report.indexed,
+                                                "seconds": seconds, "features": features,
+                                                "warnings": list(report.warnings)}
+            for row, (uses, options) in ROWS.items():
+                if uses != index_name:
+                    continue
+                start = time.perf_counter()
+                r = measure(vs, queries, columns, options)
+                r["search_options"] = options
+                results[p]["rows"][row] = r
+                say(f"  {p:<15}{row:<23}" + "  ".join(
+                    f"R@1 {r[f'recall@1[{c}]']:.3f} R@5 {r[f'recall@5[{c}]']:.3f} ({c})" for c in columns)
+                    + f"  median {r['median_ms']:.0f} ms  ({r['queries']} queries, {time.perf_counter() - start:.0f} s)")
+            vs.close()
+    return results
+
+
+# --- reporting -----------------------------------------------------------------------------------
+
+
+def print_table(results: dict, protocols: list[str]) -> None:
+    name_w, cell = 23, 7
+    groups = []  # (protocol, column or None for ms)
+    for p in protocols:
+        for c in results[p]["columns"]:
+            groups.append((p, c))
+        groups.append((p, None))
+    head1 = " " * name_w
+    head2 = " " * name_w
+    widths = []
+    for p, c in groups:
+        title = f"{p} {'fine' if c == 'label' else 'coarse'}" if c else "ms"
+        cells = f"{'R@1':>{cell}}{'R@5':>{cell}}" if c else f"{'median':>{cell}}"
+        width = max(len(title), len(cells))
+        widths.append(width)
+        head1 += f"| {title:^{width}} "
+        head2 += f"| {cells:>{width}} "
+    print()
+    print(head1)
+    print(head2)
+    print("-" * len(head2))
+    for row in ROWS:
+        line = f"{row:<{name_w}}"
+        for (p, c), width in zip(groups, widths):
+            r = results[p]["rows"][row]
+            if c:
+                cells = f"{r[f'recall@1[{c}]']:>{cell}.3f}{r[f'recall@5[{c}]']:>{cell}.3f}"
+            else:
+                cells = f"{r['median_ms']:>{cell}.0f}"
+            line += f"| {cells:>{width}} "
+        print(line)
+    print()
+    print("R@k: recall@k (share of queries with a correct item in the top k); fine = label, coarse = "
+          "coarse_label (grocery); camera-sim labels are the item ids. ms: median wall time of one "
+          "vs.search(photo, k=5, ...) call.")
+    print()
+    for p in protocols:
+        for row in ROWS:
+            r = results[p]["rows"][row]
+            line = f"{p:<15}{row:<23}median {r['median_ms']:5.0f} ms, p90 {r['p90_ms']:5.0f} ms"
+            if ROWS[row][0] == "verified":
+                n, v = r["queries"], r["top_verified"]
+                line += f"; top hit verified {v}/{n} ({v / n:.3f})"
+                for c in results[p]["columns"]:
+                    ok = r[f"verified_correct[{c}]"]
+                    line += f", verified top hit correct ({c}) {ok}/{v}" + (f" ({ok / v:.3f})" if v else "")
+            print(line)
+
+
+def print_targets(results: dict, protocols: list[str]) -> None:
+    print()
+    print(f"targets ({CAMERA_DEFAULT}, the camera default):")
+    checks = []
+    if "grocery-iconic" in results:
+        r1 = results["grocery-iconic"]["rows"][CAMERA_DEFAULT]["recall@1[label]"]
+        checks.append((f"grocery-iconic recall@1 (fine) {r1:.3f} >= {TARGET_GROCERY_R1:.2f}", r1 >= TARGET_GROCERY_R1))
+    if "camera-sim" in results:
+        r1 = results["camera-sim"]["rows"][CAMERA_DEFAULT]["recall@1[label]"]
+        checks.append((f"camera-sim recall@1 {r1:.3f} >= {TARGET_SIM_R1:.2f}", r1 >= TARGET_SIM_R1))
+    ms = [t for p in protocols for t in results[p]["rows"][CAMERA_DEFAULT]["ms"]]
+    median = float(np.median(ms))
+    checks.append((f"median query time {median:.0f} ms over {len(ms)} queries <= {TARGET_MS:.0f} ms "
+                   f"(p90 {np.percentile(ms, 90):.0f} ms)", median <= TARGET_MS))
+    for text, ok in checks:
+        print(f"  {'PASS' if ok else 'FAIL'}  {text}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=data_root(),
+                    help="the shared data folder (default: $LOOKALIKE_DATA, else ../shared/data from the repository root)")
+    ap.add_argument("--protocols", default=",".join(PROTOCOLS),
+                    help=f"comma-separated (default: {','.join(PROTOCOLS)})")
+    ap.add_argument("--max-queries", type=int, default=None, metavar="N",
+                    help="at most N queries per protocol, evenly spaced in query order (default: all)")
+    ap.add_argument("--save-photos", type=Path, default=None, metavar="DIR",
+                    help="also copy the synthetic camera-sim photos to DIR, to look at")
+    ap.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write every figure to FILE as JSON")
+    args = ap.parse_args(argv)
+
+    protocols = list(dict.fromkeys(args.protocols.split(",")))
+    for name in protocols:
+        if name not in PROTOCOLS:
+            ap.error(f"unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
+    if args.max_queries is not None and args.max_queries < 1:
+        ap.error("--max-queries must be at least 1")
+    needed = ["grocery/catalog.csv", "grocery/queries.csv"]
+    if "camera-sim" in protocols:
+        needed += ["fashion-products-2000/items.csv", "backgrounds"]
+    for f in needed:
+        if not (args.data / f).exists():
+            print(f"error: {args.data / f} not found; pass --data DIR (the shared data folder)", file=sys.stderr)
+            return 2
+
+    say = lambda *a: print(*a, flush=True)  # noqa: E731
+    from lookalike.featurizer import cpu_count
+
+    say(f"lookalike camera benchmark: {len(ROWS)} rows x {len(protocols)} protocols, data {args.data}"
+        + (f", at most {args.max_queries} queries per protocol" if args.max_queries else ""))
+    say(f"machine: {cpu_count()} cores, {platform.machine()}")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lookalike-camera-") as tmp:
+        results = run(protocols, args.data, Path(tmp), args.max_queries, args.save_photos, say)
+    total = time.perf_counter() - start
+
+    print_table(results, protocols)
+    print_targets(results, protocols)
+    print(f"\ntotal {total:.0f} s")
+    if args.json:
+        out = {"data": str(args.data), "cores": cpu_count(), "seed": SEED, "seconds": total,
+               "max_queries": args.max_queries, "protocols": results}
+        args.json.write_text(json.dumps(out, indent=2, default=str) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
