@@ -553,6 +553,8 @@ class VisualSearch:
         vectors, kept, report = _featurize_items(self.featurizer, items, strict, _progress(progress))
         if kept:
             vectors = prepare(vectors, self.metric)
+            # Extracted before taking the writers' lock, like the vectors: by position until the int ids are known.
+            local = _local_blobs(kept, np.arange(len(kept)), self.policy, None) if self.has_local_features else None
             with self._store.lock():
                 self._reload()  # another process may have changed it since we opened it
                 present = self._items.int_ids(it.id for it in kept)
@@ -560,7 +562,8 @@ class VisualSearch:
                     raise CatalogError(f"id {next(iter(present))!r} was added to the index by another process")
                 first = int(self.manifest.get("next_int_id", self._items.max_int_id() + 1))
                 int_ids = np.arange(first, first + len(kept), dtype=np.int64)
-                local = _local_blobs(kept, int_ids, self.policy, None) if self.has_local_features else None
+                if local is not None:
+                    local = {int(int_ids[position]): blobs for position, blobs in local.items()}
                 vindex = VectorIndex(self._index.spec, self.dim, self._index.vectors, self._index.ids)
                 vindex.add(vectors, int_ids)
                 manifest = dict(self.manifest, next_int_id=int(int_ids[-1]) + 1)
