@@ -79,6 +79,8 @@ CONFIGS = {
     "verify": ({"local_features": True}, {}),  # the defaults plus geometric verification (issue 7)
     "default": ({}, {}),
     "default+qe": ({}, {"expand": 2}),
+    "int8": ({"precision": "int8"}, {}),  # the defaults at another precision (issue 10)
+    "bf16": ({"precision": "bf16"}, {}),
 }
 QUICK = ("plain", "default")
 

@@ -18,6 +18,7 @@ from .engine import VisualSearch
 from .errors import LookalikeError
 from .index import KINDS, METRICS
 from .models import DEFAULT_FEATURES, DEFAULT_MODEL, POOLINGS, REGISTRY, TTAS, list_models
+from .runtimes import DEFAULT_PRECISION, PRECISIONS, RUNTIMES
 
 
 def _progress_factory(args):
@@ -71,7 +72,7 @@ def cmd_build(args) -> int:
         batch_size=args.batch_size, weights=args.weights, device=args.device, strict=args.strict,
         force=args.force, progress=_progress_factory(args),
         crop_pct=args.crop_pct, pooling=args.pooling, tta=args.tta, whiten=args.whiten,
-        local_features=args.local_features,
+        local_features=args.local_features, runtime=args.runtime, precision=args.precision,
     )
     report = vs.build_report
     if args.json:
@@ -85,7 +86,7 @@ def cmd_build(args) -> int:
 
 
 def cmd_search(args) -> int:
-    vs = VisualSearch.open(args.index_dir, device=args.device)
+    vs = VisualSearch.open(args.index_dir, device=args.device, runtime=args.runtime)
     filt = _parse_filter(args.filter)
     results = vs.search(list(args.queries), k=args.k, filter=filt, expand=args.expand, orient=args.orient,
                         verify=False if args.no_verify else None)
@@ -111,7 +112,7 @@ def cmd_search(args) -> int:
 
 
 def cmd_classify(args) -> int:
-    vs = VisualSearch.open(args.index_dir, device=args.device)
+    vs = VisualSearch.open(args.index_dir, device=args.device, runtime=args.runtime)
     results = vs.classify(list(args.queries), k=args.k, label=args.label)
     if args.json:
         _print_json([r | {"query": q} for r, q in zip(results, args.queries)])
@@ -123,7 +124,7 @@ def cmd_classify(args) -> int:
 
 
 def cmd_add(args) -> int:
-    vs = VisualSearch.open(args.index_dir, device=args.device)
+    vs = VisualSearch.open(args.index_dir, device=args.device, runtime=args.runtime)
     report = vs.add(args.catalog, strict=args.strict, progress=_progress_factory(args))
     if args.json:
         _print_json({**report.to_dict(), "count": len(vs)})
@@ -158,6 +159,7 @@ def cmd_info(args) -> int:
         ("metric", info["metric"]),
         ("features", f"{info['features']['pooling']} pooling, crop {info['preprocessing'].get('crop_pct')}, "
                      f"flip {'on' if info['features']['tta'] == 'flip' else 'off'}"),
+        ("model runs", f"{info['precision']} (built with {info['runtime']})"),
         ("local features", _describe_local(info["local_features"])),
         ("index", f"{info['index']} {info['index_params'] or ''}".strip()),
         ("chosen because", info["chosen_because"]),
@@ -199,7 +201,7 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    vs = VisualSearch.open(args.index_dir, device=args.device)
+    vs = VisualSearch.open(args.index_dir, device=args.device, runtime=args.runtime)
     try:
         ks = [int(k) for k in str(args.k).split(",") if k.strip()]
     except ValueError:
@@ -239,7 +241,7 @@ def cmd_serve(args) -> int:
         raise LookalikeError("--protect-reads needs an API key: give --api-key-file PATH or set LOOKALIKE_API_KEY")
     settings = ServerSettings(
         index_dir=args.index_dir, k=args.k, max_upload_bytes=args.max_upload_mb * 1024 * 1024,
-        max_pixels=args.max_pixels, allow_urls=args.allow_urls, device=args.device, api_key=api_key,
+        max_pixels=args.max_pixels, allow_urls=args.allow_urls, device=args.device, runtime=args.runtime, api_key=api_key,
         protect_reads=args.protect_reads, cors_origins=tuple(args.cors_origin or ()), max_queue=args.max_queue,
         upload_memory_bytes=(args.upload_memory_mb or 0) * 1024 * 1024,
     )
@@ -266,7 +268,7 @@ def _api_key(args) -> str | None:
 def cmd_camera(args) -> int:
     from .camera import run_camera
 
-    vs = VisualSearch.open(args.index_dir, device=args.device)
+    vs = VisualSearch.open(args.index_dir, device=args.device, runtime=args.runtime)
     source: int | str = int(args.source) if args.source.isdigit() else args.source
     return run_camera(
         vs, source=source, every_ms=args.every_ms, k=args.k, headless=args.headless,
@@ -335,6 +337,8 @@ def make_parser() -> argparse.ArgumentParser:
     common.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
     common.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     common.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs (default cpu)")
+    common.add_argument("--runtime", default="auto", choices=RUNTIMES, help="what runs the model on the CPU (default auto: "
+                        "the fastest here, measured once per model and CPU and remembered in the user cache)")
 
     parser = _Parser(prog="lookalike", description="Visual search: find the catalog items that look like a picture.")
     parser.add_argument("--version", action="version", version=f"lookalike {__version__}")
@@ -359,6 +363,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-features", action="store_true", help="also store each image's SIFT features, so "
                    "searches verify their best candidates geometrically (printed products, boxes, labels: "
                    "a phone photo then finds its item far more often); slower to build and to search")
+    p.add_argument("--precision", default=DEFAULT_PRECISION, choices=PRECISIONS, help="arithmetic of the model on "
+                   f"the CPU (default {DEFAULT_PRECISION}): bf16 where the CPU has it natively; int8 calibrated on "
+                   "the catalog's own images and kept in the index; queries use the index's precision")
     p.add_argument("--whiten", type=_non_negative_int, default=0, metavar="D", help="PCA-whiten to D dimensions, learned "
                    "from the catalog (default 0: off; it can hurt, measure first with `evaluate`)")
     p.set_defaults(func=cmd_build)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,13 +29,14 @@ from . import __version__
 from .catalog import check_unique, read_catalog
 from .errors import CatalogError, ImageError, ModelError, QueryError, StoreError
 from .evaluate import combine, per_query
-from .featurizer import TURNS, Featurizer, cpu_count
+from .featurizer import TURNS, Featurizer, cpu_count, make_int8_model
 from .images import DEFAULT_POLICY, ImagePolicy, describe, load_image
 from .index import IndexWarning, VectorIndex, check_spec, check_vectors, prepare
 from .local import LOCAL_ENTRY, MIN_INLIERS, LocalFeatures
 from .local import extract as extract_local
 from .local import inliers as local_inliers
-from .models import DEFAULT_MODEL, Weights, get_spec, resolve_weights, spec_from_manifest, with_features
+from .models import DEFAULT_MODEL, Weights, file_sha256, get_spec, resolve_weights, spec_from_manifest, with_features
+from .runtimes import DEFAULT_PRECISION, check_choice, native_bf16
 from .store import IndexDir, ItemTable
 from .types import Hit, IndexSpec, Item, ModelSpec, SearchResult
 
@@ -42,6 +44,8 @@ QE_ALPHA = 3.0  # query expansion: a neighbour's weight is its score to the quer
 MAX_EXPAND = 50
 VERIFY_SHORTLIST = 20  # candidates from the global search that geometric verification looks at
 ORIENT_MARGIN = 0.05  # a turned query photo wins when its best hit scores this much above the upright one's
+INT8_MODEL = "model-int8.onnx"  # an int8 index's own quantized model, in its directory
+INT8_CALIBRATION = 64  # catalog images (evenly spaced) that calibrate an int8 model
 
 ProgressFactory = Callable[[int], Any]  # total -> object with update(n) and close(), e.g. tqdm
 
@@ -100,10 +104,12 @@ def _reason(exc: ImageError) -> str:
 class VisualSearch:
     """A built index directory, opened: search it by image or vector, change it, measure it."""
 
-    def __init__(self, path: str | os.PathLike, *, device: str = "cpu", policy: ImagePolicy = DEFAULT_POLICY):
+    def __init__(self, path: str | os.PathLike, *, device: str = "cpu", policy: ImagePolicy = DEFAULT_POLICY,
+                 runtime: str = "auto"):
         self.path = Path(path)
         self.device = device
         self.policy = policy
+        self.runtime = runtime
         self._store = IndexDir(self.path)
         self._featurizer: Featurizer | None = None
         self._items: ItemTable | None = None
@@ -114,9 +120,13 @@ class VisualSearch:
     # --- opening and building --------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, device: str = "cpu", policy: ImagePolicy = DEFAULT_POLICY) -> "VisualSearch":
-        """Open an index directory written by ``build``; StoreError if it is missing or damaged."""
-        return cls(path, device=device, policy=policy)
+    def open(cls, path: str | os.PathLike, *, device: str = "cpu", policy: ImagePolicy = DEFAULT_POLICY,
+             runtime: str = "auto") -> "VisualSearch":
+        """Open an index directory written by ``build``; StoreError if it is missing or damaged.
+
+        ``runtime`` runs the model for queries and additions, at the precision the index was
+        built with (``runtimes.RUNTIMES``; ``auto``: the fastest here)."""
+        return cls(path, device=device, policy=policy, runtime=runtime)
 
     @classmethod
     def build(
@@ -139,6 +149,8 @@ class VisualSearch:
         tta: str | None = None,
         whiten: int = 0,
         local_features: bool = False,
+        runtime: str = "auto",
+        precision: str = DEFAULT_PRECISION,
     ) -> "VisualSearch":
         """Featurize a catalog and write a new index directory at ``path``.
 
@@ -148,6 +160,9 @@ class VisualSearch:
         ``whiten``: PCA-whiten to that many dimensions, learned from the catalog (0: off; see
         ``index.plan``). ``local_features``: also store each image's SIFT features, so that
         searches verify their best candidates geometrically (``local``; slower to build).
+        ``runtime`` and ``precision`` say how the model runs (``runtimes``); int8 quantizes the
+        model on INT8_CALIBRATION of the catalog's images and keeps it in the index directory,
+        and every later query and addition of the index runs it.
         """
         start = time.perf_counter()
         check_spec(index, metric)
@@ -155,35 +170,45 @@ class VisualSearch:
         items = _items(catalog)
         _check_target(Path(path), force)
         resolved = resolve_weights(spec, weights)
-        featurizer = Featurizer(spec, resolved, device=device, batch_size=batch_size, policy=policy)
-        vectors, kept, report = _featurize_items(featurizer, items, strict, _progress(progress))
-        if not kept:
-            raise CatalogError(f"{_name(catalog)}: none of its {len(items)} images could be read", subject=_name(catalog))
-        vectors = prepare(vectors, metric)
-        int_ids = np.arange(1, len(kept) + 1, dtype=np.int64)
-        local = _local_blobs(kept, int_ids, policy, _progress(progress)) if local_features else None
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", IndexWarning)
-            vindex = VectorIndex.create(index, metric, vectors, int_ids, whiten=whiten)
-        report.warnings.extend(str(w.message) for w in caught)
-        manifest = {
-            "lookalike_version": __version__,
-            "model": _model_entry(spec, resolved, featurizer),
-            "metric": metric,
-            "index": vindex.spec.to_dict(),
-            "next_int_id": int(int_ids[-1]) + 1 if len(int_ids) else 1,
-            "source": _name(catalog),
-        }
-        if local_features:
-            manifest["local_features"] = LOCAL_ENTRY
-        IndexDir.create(
-            path, manifest, list(zip(int_ids.tolist(), kept)), vindex.vectors, vindex.ids, vindex.write_faiss,
-            overwrite=force, local=local,
-        )
+        if device == "cpu":
+            check_choice(runtime, precision)
+        with tempfile.TemporaryDirectory(prefix="lookalike-build-") as tmp:  # holds an int8 model until it is stored
+            model_file, calibrated = None, 0
+            if precision == "int8" and device == "cpu":
+                model_file = Path(tmp) / INT8_MODEL
+                spread = np.unique(np.linspace(0, len(items) - 1, min(len(items), INT8_CALIBRATION)).round().astype(int))
+                calibrated = make_int8_model(spec, resolved, [items[i].image for i in spread], model_file, policy)
+            featurizer = Featurizer(spec, resolved, device=device, batch_size=batch_size, policy=policy,
+                                    runtime=runtime, precision=precision, model_file=model_file)
+            vectors, kept, report = _featurize_items(featurizer, items, strict, _progress(progress))
+            if not kept:
+                raise CatalogError(f"{_name(catalog)}: none of its {len(items)} images could be read", subject=_name(catalog))
+            vectors = prepare(vectors, metric)
+            int_ids = np.arange(1, len(kept) + 1, dtype=np.int64)
+            local = _local_blobs(kept, int_ids, policy, _progress(progress)) if local_features else None
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", IndexWarning)
+                vindex = VectorIndex.create(index, metric, vectors, int_ids, whiten=whiten)
+            report.warnings.extend(str(w.message) for w in caught)
+            manifest = {
+                "lookalike_version": __version__,
+                "model": _model_entry(spec, resolved, featurizer, model_file, calibrated),
+                "metric": metric,
+                "index": vindex.spec.to_dict(),
+                "next_int_id": int(int_ids[-1]) + 1 if len(int_ids) else 1,
+                "source": _name(catalog),
+            }
+            if local_features:
+                manifest["local_features"] = LOCAL_ENTRY
+            IndexDir.create(
+                path, manifest, list(zip(int_ids.tolist(), kept)), vindex.vectors, vindex.ids, vindex.write_faiss,
+                overwrite=force, local=local, model_files={model_file.name: model_file} if model_file else None,
+            )
         report.indexed = len(kept)
         report.seconds = time.perf_counter() - start
-        vs = cls(path, device=device, policy=policy)
-        vs._featurizer = featurizer
+        vs = cls(path, device=device, policy=policy, runtime=featurizer.runtime if device == "cpu" else "auto")
+        if model_file is None:  # an int8 featurizer's model file was temporary: reopen the index's own
+            vs._featurizer = featurizer
         vs.build_report = report
         return vs
 
@@ -280,8 +305,26 @@ class VisualSearch:
                     f"now ({resolved.path}) are {resolved.sha256[:12]}; rebuild the index or install the same weights",
                     subject=str(self.path),
                 )
-            self._featurizer = Featurizer(self.spec, resolved, device=self.device, policy=self.policy)
+            precision, model_file = entry.get("precision", "fp32"), None
+            if precision == "fp16":  # built on CUDA: the same fp32 model on the CPU
+                precision = "fp32"
+            if precision == "bf16" and self.device == "cpu" and not native_bf16():
+                warnings.warn(f"{self.path}: built in bf16, which this CPU does not compute natively; "
+                              "its queries run in fp32 (the same model, vectors within rounding)", stacklevel=2)
+                precision = "fp32"
+            if precision == "int8":
+                model_file = self._int8_model(entry.get("model_file") or {})
+            self._featurizer = Featurizer(self.spec, resolved, device=self.device, policy=self.policy,
+                                          runtime=self.runtime, precision=precision, model_file=model_file)
         return self._featurizer
+
+    def _int8_model(self, info: dict[str, Any]) -> Path:
+        """The index's own int8 model, checked against the manifest's hash."""
+        path = self.path / str(info.get("name", INT8_MODEL))
+        if not path.is_file() or file_sha256(path) != info.get("sha256"):
+            raise ModelError(f"{path}: the index's int8 model is missing or damaged; rebuild the index "
+                             "with `lookalike build --precision int8`", subject=str(path))
+        return path
 
     # --- searching -----------------------------------------------------------------------
 
@@ -746,6 +789,8 @@ class VisualSearch:
             "size_bytes": self._store.disk_size(),
             "preprocessing": m["model"].get("preprocessing", {}),
             "features": self.spec.features(),
+            "runtime": m["model"].get("runtime", "onnxruntime"),  # what built it; queries choose their own
+            "precision": m["model"].get("precision", "fp32"),
             "local_features": m.get("local_features"),
             "created_at": m.get("created_at"),
             "updated_at": m.get("updated_at"),
@@ -820,8 +865,9 @@ def _local_blobs(
     return out
 
 
-def _model_entry(spec: ModelSpec, weights: Weights, featurizer: Featurizer) -> dict[str, Any]:
-    return {
+def _model_entry(spec: ModelSpec, weights: Weights, featurizer: Featurizer, model_file: Path | None,
+                 calibrated: int) -> dict[str, Any]:
+    entry = {
         "name": spec.name,
         "arch": spec.arch,
         "weights": weights.to_dict(),
@@ -829,7 +875,12 @@ def _model_entry(spec: ModelSpec, weights: Weights, featurizer: Featurizer) -> d
         "preprocessing": spec.preprocessing(),
         "features": spec.features(),
         "runtime": featurizer.runtime,
+        "precision": featurizer.precision,
     }
+    if model_file is not None:
+        entry["model_file"] = {"name": model_file.name, "sha256": file_sha256(model_file),
+                               "size": model_file.stat().st_size, "calibration_images": calibrated}
+    return entry
 
 
 def _verified_first(inliers: np.ndarray) -> np.ndarray:

@@ -1,9 +1,10 @@
-"""Turn images into feature vectors: preprocessing, batching, and the model runtime.
+"""Turn images into feature vectors: preprocessing, batching, and the model export.
 
-On CPU the model runs in ONNX Runtime (exported once from PyTorch and cached on disk, keyed by
-model, weights hash and input size); on CUDA in PyTorch, half precision, channels_last.
-Images are decoded and preprocessed in a thread pool while the model runs on the previous
-batch (Pillow and ONNX Runtime release the GIL), so decoding overlaps inference.
+On CPU the model is exported once from PyTorch to ONNX (cached on disk, keyed by model, weights
+hash, input size and pooling) and run by the runtime ``runtimes`` picks (ONNX Runtime or
+OpenVINO, fp32, bf16 or int8); on CUDA it runs in PyTorch, half precision, channels_last.
+Each core decodes and preprocesses its own chunk of images and runs the model on it (Pillow and
+the runtimes release the GIL), so decoding and inference overlap without any core waiting.
 """
 
 from __future__ import annotations
@@ -21,12 +22,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from . import runtimes
 from .errors import ImageError, ModelError
 from .images import DEFAULT_POLICY, ImagePolicy, ImageSource, load_image
 from .models import Weights, create_torch_model
+from .runtimes import cache_dir, cpu_count
 from .types import ModelSpec
 
-EXPORT_VERSION = 2  # bump when the export settings change, so cached files are remade
+__all__ = ["Featurizer", "FeaturizeResult", "TURNS", "cache_dir", "cpu_count", "export_onnx", "load_pixels",
+           "make_int8_model", "onnx_model", "onnx_path", "preprocess"]
+
+EXPORT_VERSION = 3  # bump when the export settings change, so cached files are remade
 
 _INTERPOLATION = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -41,21 +47,6 @@ _INTERPOLATION = {
 TURNS = (0, 90, 180, 270)  # clockwise degrees tried for a query photo taken with the camera on its side
 
 CPU_CHUNK = 4  # inputs per model call on CPU: small batches stay in the core's cache (measured 1-8 best)
-
-
-def cache_dir() -> Path:
-    """The user cache: ``$LOOKALIKE_CACHE``, else ``$XDG_CACHE_HOME/lookalike``, else ~/.cache/lookalike."""
-    if os.environ.get("LOOKALIKE_CACHE"):
-        return Path(os.environ["LOOKALIKE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lookalike"
-
-
-def cpu_count() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def preprocess(img: Image.Image, spec: ModelSpec) -> np.ndarray:
@@ -82,6 +73,26 @@ def preprocess(img: Image.Image, spec: ModelSpec) -> np.ndarray:
     return out
 
 
+def load_pixels(source: ImageSource, spec: ModelSpec, policy: ImagePolicy = DEFAULT_POLICY) -> np.ndarray:
+    """Decode one input (reduced-size JPEG decoding where the model's size allows) and preprocess it."""
+    return preprocess(load_image(source, policy=policy, draft_size=spec.resize_size), spec)
+
+
+def make_int8_model(spec: ModelSpec, weights: Weights, sources: Sequence[ImageSource], path: Path,
+                    policy: ImagePolicy = DEFAULT_POLICY) -> int:
+    """Quantize the spec's model to int8 at ``path``, calibrated on ``sources`` (unreadable ones
+    are skipped); returns how many images calibrated it."""
+    pixels = []
+    for source in sources:
+        try:
+            pixels.append(load_pixels(source, spec, policy))
+        except ImageError:
+            continue
+    stacked = np.stack(pixels) if pixels else np.zeros((0, 3, spec.input_size, spec.input_size), np.float32)
+    runtimes.quantize_int8(onnx_model(spec, weights), stacked, path)
+    return len(pixels)
+
+
 class FeaturizeResult:
     """Vectors of the images that could be read, and the errors of those that could not."""
 
@@ -103,7 +114,13 @@ class Featurizer:
         batch_size: int = 32,
         threads: int | None = None,
         policy: ImagePolicy = DEFAULT_POLICY,
+        runtime: str = "auto",
+        precision: str = "fp32",
+        model_file: str | os.PathLike | None = None,
     ):
+        """``runtime``: one of ``runtimes.RUNTIMES`` (``auto``: the fastest here, by measurement).
+        ``precision``: fp32, bf16 or int8; int8 runs ``model_file``, a model written by
+        ``runtimes.quantize_int8`` (fp32 and bf16 run the cached export of the spec's model)."""
         if device not in ("cpu", "cuda"):
             raise ModelError(f"unknown device {device!r}; use cpu or cuda", subject=device)
         if batch_size < 1:
@@ -116,17 +133,47 @@ class Featurizer:
         self.policy = policy
         self._lock = threading.Lock()
         self._mirror: ThreadPoolExecutor | None = None  # runs the mirror image of a lone query
-        self._runtime = _TorchCudaRuntime(spec, weights) if device == "cuda" else _OnnxRuntime(spec, weights, self.threads)
+        self._runtime = self._open_runtime(runtime, precision, model_file)
         self.dim = self._runtime.dim
+
+    def _open_runtime(self, runtime: str, precision: str, model_file):
+        make_model = lambda: create_torch_model(self.spec, self.weights)  # noqa: E731
+        if self.device == "cuda":
+            if runtime not in ("auto", "torch") or precision != "fp32":
+                raise ModelError(f"device cuda runs PyTorch in fp16; runtime {runtime} and precision {precision} "
+                                 "are for the CPU", subject=runtime)
+            return runtimes.TorchCudaRuntime(make_model)
+        runtimes.check_choice(runtime, precision)
+        if precision == "int8":
+            if model_file is None or not Path(model_file).is_file():
+                raise ModelError(f"precision int8 needs its quantized model file, and {model_file} is not one",
+                                 subject=str(model_file))
+            path = Path(model_file)
+            return self._load(runtime, path, precision, make_model)
+        path = onnx_model(self.spec, self.weights)
+        try:
+            return self._load(runtime, path, precision, make_model)
+        except ModelError:  # a damaged cache file: export again once
+            path.unlink(missing_ok=True)
+            return self._load(runtime, onnx_model(self.spec, self.weights), precision, make_model)
+
+    def _load(self, runtime: str, path: Path, precision: str, make_model):
+        if runtime == "auto":
+            key = onnx_path(self.spec, self.weights).name
+            return runtimes.choose(path, precision, self.threads, self.spec.input_size, make_model, model_key=key)
+        return runtimes.load(runtime, path, precision, self.threads, make_model)
 
     @property
     def runtime(self) -> str:
         return self._runtime.name
 
+    @property
+    def precision(self) -> str:
+        return self._runtime.precision
+
     def load(self, source: ImageSource) -> np.ndarray:
         """Decode and preprocess one input (raises ImageError)."""
-        img = load_image(source, policy=self.policy, draft_size=self.spec.resize_size)
-        return preprocess(img, self.spec)
+        return load_pixels(source, self.spec, self.policy)
 
     def run(self, pixels: np.ndarray, *, alone: bool = False) -> np.ndarray:
         """Run the model on a preprocessed batch [n, 3, H, W] -> float32 [n, dim].
@@ -143,8 +190,8 @@ class Featurizer:
         elif flip and alone and self.threads > 1:
             mirror = self._mirror_pool().submit(self._runtime.run, np.ascontiguousarray(pixels[..., ::-1]))
             out = np.concatenate([self._runtime.run(pixels), mirror.result()])
-        else:  # an ONNX Runtime session may be run from several threads at once
-            out = self._runtime.run(np.concatenate([pixels, pixels[..., ::-1]]) if flip else pixels)
+        else:  # the CPU runtimes may be called from several threads at once
+            out = self._runtime.run(np.concatenate([pixels, pixels[..., ::-1]]) if flip else pixels, alone=alone)
         if flip:
             out = (out[:n] + out[n:]) * np.float32(0.5)
         return out
@@ -205,9 +252,9 @@ class Featurizer:
     def _chunks(self, sources: Sequence[ImageSource]) -> Iterator[tuple[list[int], np.ndarray, list]]:
         """CPU: yield (indices, vectors, errors) per chunk of CPU_CHUNK inputs, in order.
 
-        Each of ``threads`` workers decodes its chunk and runs the single-threaded ONNX session
-        on it, so the cores never wait for each other: no decode threads competing with model
-        threads, no barrier between the model's threads after every layer.
+        Each of ``threads`` workers decodes its chunk and runs the model on it, one core per call,
+        so the cores never wait for each other: no decode threads competing with model threads,
+        no barrier between the model's threads after every layer.
         """
 
         def work(start: int):
@@ -224,6 +271,9 @@ class Featurizer:
             pixels = np.stack([a for _, a, err in done if err is None])
             return indices, self.run(pixels, alone=len(sources) == 1), errs
 
+        if len(sources) <= CPU_CHUNK and (len(sources) == 1 or self.threads == 1):
+            yield work(0)  # a lone query: in the caller's thread, no pool to start and hand over to
+            return
         starts = iter(range(0, len(sources), CPU_CHUNK))
         with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="lookalike-featurize") as pool:
             pending = deque(pool.submit(work, s) for s in islice(starts, 4 * self.threads))  # bounded look-ahead
@@ -265,63 +315,12 @@ class Featurizer:
                 yield indices, pixels, errs
 
 
-class _OnnxRuntime:
-    """ONNX Runtime on CPU, with the model exported once and cached."""
-
-    name = "onnxruntime"
-
-    def __init__(self, spec: ModelSpec, weights: Weights, threads: int):
-        import onnxruntime as ort
-
-        path = onnx_path(spec, weights)
-        if not path.is_file():
-            export_onnx(spec, weights, path)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = 1  # featurize runs `threads` calls at once, one per core
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # a damaged cache file: export again once
-            path.unlink(missing_ok=True)
-            export_onnx(spec, weights, path)
-            try:
-                self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            except Exception as exc2:
-                raise ModelError(f"{path}: ONNX Runtime cannot load the exported model ({exc2})") from exc
-        self.input = self.session.get_inputs()[0].name
-        self.dim = int(self.session.get_outputs()[0].shape[-1])
-
-    def run(self, pixels: np.ndarray) -> np.ndarray:
-        if len(pixels) == 0:
-            return np.zeros((0, self.dim), np.float32)
-        return np.asarray(self.session.run(None, {self.input: pixels})[0], dtype=np.float32)
-
-
-class _TorchCudaRuntime:
-    """PyTorch on CUDA in half precision with channels_last memory format."""
-
-    name = "torch-cuda-fp16"
-
-    def __init__(self, spec: ModelSpec, weights: Weights):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ModelError("device cuda asked for, but PyTorch sees no CUDA GPU", subject="cuda")
-        self.torch = torch
-        model = create_torch_model(spec, weights)
-        self.model = model.to("cuda", memory_format=torch.channels_last).half().eval()
-        self.dim = int(model.num_features)
-
-    def run(self, pixels: np.ndarray) -> np.ndarray:
-        torch = self.torch
-        if len(pixels) == 0:
-            return np.zeros((0, self.dim), np.float32)
-        with torch.inference_mode():
-            x = torch.from_numpy(pixels).to("cuda", non_blocking=True)
-            x = x.half().contiguous(memory_format=torch.channels_last)
-            return self.model(x).float().cpu().numpy()
+def onnx_model(spec: ModelSpec, weights: Weights) -> Path:
+    """The spec's model as an ONNX file in the user cache, exported now if it is not there yet."""
+    path = onnx_path(spec, weights)
+    if not path.is_file():
+        export_onnx(spec, weights, path)
+    return path
 
 
 def onnx_path(spec: ModelSpec, weights: Weights) -> Path:
@@ -391,7 +390,8 @@ def _static_same_padding(model, size: int):
 
 
 def _fold_pads(path: str) -> None:
-    """Rewrite the ONNX file at ``path``: constants folded, each zero Pad merged into its Conv's pads."""
+    """Rewrite the ONNX file at ``path``: constants folded, each zero Pad merged into its Conv's pads,
+    constants no node uses dropped."""
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper
@@ -430,4 +430,7 @@ def _fold_pads(path: str) -> None:
         conv.attribute.append(helper.make_attribute("pads", new))
         conv.input[0] = pad.input[0]
         graph.node.remove(pad)
+    used = {name for node in graph.node for name in node.input}
+    for init in [i for i in graph.initializer if i.name not in used]:  # left by folding: runtimes warn of them
+        graph.initializer.remove(init)
     onnx.save(model, path)

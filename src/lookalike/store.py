@@ -104,6 +104,11 @@ def _write_atomic(path: Path, write) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": _sha256(path)}
 
 
+def _copy(source: Path, out) -> None:
+    with open(source, "rb") as f:
+        shutil.copyfileobj(f, out)
+
+
 def _checksum(manifest: dict[str, Any]) -> str:
     """sha256 of the manifest's contents without its own checksum field."""
     body = {k: v for k, v in manifest.items() if k != "checksum"}
@@ -334,10 +339,13 @@ class IndexDir:
         *,
         overwrite: bool = False,
         local: dict[int, tuple[bytes, bytes]] | None = None,
+        model_files: dict[str, Path] | None = None,
     ) -> "IndexDir":
         """Write a new index directory (generation 1) beside the target, then move it into place.
 
         ``local``: int id -> (points, descriptors) blobs of the items' local features, if any.
+        ``model_files``: name -> file copied into the directory, never changed afterwards (an int8
+        index's own model); the manifest's ``model`` entry records its hash.
         """
         target = Path(path)
         if target.exists():
@@ -360,6 +368,8 @@ class IndexDir:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA + _LOCAL_SCHEMA)
             conn.close()
+            for name, source in (model_files or {}).items():
+                _write_atomic(staging / name, lambda f, source=source: _copy(source, f))
             manifest = dict(manifest, format_version=FORMAT_VERSION, generation=0, count=0, files={})
             manifest.setdefault("created_at", now())
             new._commit(manifest, vectors, ids, write_faiss, added=items, removed=[], local=local)
@@ -534,6 +544,13 @@ class IndexDir:
                 problems.append({"file": name, "problem": f"size {path.stat().st_size}, the manifest says {info.get('size')}", "fixable": fixable})
             elif _sha256(path) != info.get("sha256"):
                 problems.append({"file": name, "problem": "contents differ from the manifest's sha256", "fixable": fixable})
+        model_file = manifest["model"].get("model_file")
+        if model_file:
+            path = self.path / model_file["name"]
+            if not path.is_file():
+                problems.append({"file": model_file["name"], "problem": "missing", "fixable": False})
+            elif _sha256(path) != model_file.get("sha256"):
+                problems.append({"file": model_file["name"], "problem": "contents differ from the manifest's sha256", "fixable": False})
         db = self.path / ITEMS_DB
         try:
             with contextlib.closing(self.connect()) as conn:

@@ -91,6 +91,7 @@ class ServerSettings:
     max_files: int = 16  # images in one request
     allow_urls: bool = False
     device: str = "cpu"
+    runtime: str = "auto"
     refresh_seconds: float = 1.0  # how often to look for a generation committed by another process
     thumbnail_cache: int = 512
     api_key: str | None = None  # required as "Authorization: Bearer <key>" by the routes that change the index
@@ -381,7 +382,8 @@ class SharedIndex:
 
     def __init__(self, settings: ServerSettings):
         self.settings = settings
-        self.vs = VisualSearch.open(settings.index_dir, device=settings.device, policy=settings.policy())
+        self.vs = VisualSearch.open(settings.index_dir, device=settings.device, policy=settings.policy(),
+                                     runtime=settings.runtime)
         self.lock = ReadWriteLock()
         self.compute = threading.BoundedSemaphore(usable_cpus())  # model calls at once
         self._checked = time.monotonic()
