@@ -20,9 +20,11 @@ writing the index are included) and query ms: the wall time of ``evaluate`` on t
 protocols divided by their queries (featurizing the query, flipped too with ``tta="flip"``,
 searching, query expansion and scoring; leave-one-out queries are not featurized and not counted).
 
-"plain" (no augmentation, average pooling, the model's own 0.875 centre crop, no whitening) is
-always measured in the same run; the other rows change one thing from plain, except "default"
-(whatever ``build`` does without options, read from ``vs.info()["features"]``). Rows that differ
+"plain" (no augmentation, average pooling, the model's own 0.875 centre crop, no whitening, fp32)
+is always measured in the same run; the other rows change one thing from plain, except "default"
+(whatever ``build`` does without options, read from ``vs.info()["features"]``, precision auto:
+fp32, or bf16 where the CPU has it natively and measures it faster) and "int8"/"bf16" (the
+defaults at that precision). Rows that differ
 from another row only in evaluate options (query expansion) reuse that row's index.
 
     .venv/bin/python benchmarks/retrieval.py [--quick] [--configs a,b] [--protocols p,q] [--json FILE] [--data DIR]
@@ -65,7 +67,7 @@ PROTOCOLS = {
 }
 SPLIT_FILES = ("fashion-ft-gallery.csv", "fashion-ft-queries.csv")  # written into the temp folder
 
-PLAIN = {"tta": "none", "pooling": "avg", "crop_pct": 0.875, "whiten": 0}
+PLAIN = {"tta": "none", "pooling": "avg", "crop_pct": 0.875, "whiten": 0, "precision": "fp32"}
 # name -> (build kwargs, evaluate kwargs)
 CONFIGS = {
     "plain": (PLAIN, {}),

@@ -92,6 +92,8 @@ def test_coil_6view_recall_as_printed_by_evaluate(coil_index):
 def test_fashion_leave_one_out_precision(tmp_path):
     """Issue gate: fashion leave-one-out articleType precision@1 >= 0.68."""
     run("build", FASHION / "items.csv", "-o", tmp_path / "f", "-q")
+    info = json.loads(run("info", tmp_path / "f", "--json").stdout)
+    assert info["precision"] in ("fp32", "bf16"), "precision auto never picks int8"
     result = json.loads(run("evaluate", tmp_path / "f", FASHION / "items.csv", "--json").stdout)
     assert result["queries"] == 2000 and result["left_out_self"] == 2000
     assert result["precision@1"] >= 0.68, result

@@ -48,13 +48,26 @@ def test_auto_measures_once_and_remembers(spec_weights, tmp_path, monkeypatch):
     first = Featurizer(spec, weights, runtime="auto")
     choices = json.loads((tmp_path / "cache" / CHOICE_FILE).read_text())
     [(key, choice)] = choices.items()
-    assert "|fp32|" in key and choice["runtime"] == first.runtime
-    assert set(choice["images_per_s"]) == {"onnxruntime", "openvino"}
-    assert choice["images_per_s"][first.runtime] == max(choice["images_per_s"].values())
+    assert "|auto|fp32|" in key and (choice["runtime"], choice["precision"]) == (first.runtime, "fp32")
+    assert set(choice["images_per_s"]) == {"onnxruntime/fp32", "openvino/fp32"}
+    assert choice["images_per_s"][f"{first.runtime}/fp32"] == max(choice["images_per_s"].values())
     # A remembered choice is used as it is: the file is not measured or written again.
     (tmp_path / "cache" / CHOICE_FILE).write_text(json.dumps({key: dict(choice, runtime="openvino")}))
     assert Featurizer(spec, weights, runtime="auto").runtime == "openvino"
     assert json.loads((tmp_path / "cache" / CHOICE_FILE).read_text())[key]["runtime"] == "openvino"
+
+
+def test_precision_auto_takes_the_fastest_precision_allowed_as_default(spec_weights, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOOKALIKE_CACHE", str(tmp_path / "cache"))
+    spec, weights = spec_weights
+    f = Featurizer(spec, weights, precision="auto")
+    [choice] = json.loads((tmp_path / "cache" / CHOICE_FILE).read_text()).values()
+    expected = {"onnxruntime/fp32", "openvino/fp32"} | ({"openvino/bf16"} if native_bf16() else set())
+    assert set(choice["images_per_s"]) == expected  # never int8: it is not allowed as a default
+    assert f"{f.runtime}/{f.precision}" == max(choice["images_per_s"], key=choice["images_per_s"].get)
+    # A named runtime with precision auto chooses among that runtime's precisions only.
+    assert Featurizer(spec, weights, runtime="onnxruntime", precision="auto").precision == "fp32"
+    assert Featurizer(spec, weights, runtime="torch", precision="auto").runtime == "torch"
 
 
 def test_a_damaged_choice_file_is_measured_again(spec_weights, tmp_path, monkeypatch):

@@ -119,8 +119,9 @@ class Featurizer:
         model_file: str | os.PathLike | None = None,
     ):
         """``runtime``: one of ``runtimes.RUNTIMES`` (``auto``: the fastest here, by measurement).
-        ``precision``: fp32, bf16 or int8; int8 runs ``model_file``, a model written by
-        ``runtimes.quantize_int8`` (fp32 and bf16 run the cached export of the spec's model)."""
+        ``precision``: fp32, bf16 or int8, or ``auto``: the fastest of ``runtimes.AUTO_PRECISIONS``
+        here (``.precision`` says which); int8 runs ``model_file``, a model written by
+        ``runtimes.quantize_int8`` (the others run the cached export of the spec's model)."""
         if device not in ("cpu", "cuda"):
             raise ModelError(f"unknown device {device!r}; use cpu or cuda", subject=device)
         if batch_size < 1:
@@ -158,9 +159,10 @@ class Featurizer:
             return self._load(runtime, onnx_model(self.spec, self.weights), precision, make_model)
 
     def _load(self, runtime: str, path: Path, precision: str, make_model):
-        if runtime == "auto":
+        if runtime == "auto" or precision == "auto":
             key = onnx_path(self.spec, self.weights).name
-            return runtimes.choose(path, precision, self.threads, self.spec.input_size, make_model, model_key=key)
+            return runtimes.choose(path, precision, self.threads, self.spec.input_size, make_model, model_key=key,
+                                   only=None if runtime == "auto" else runtime)
         return runtimes.load(runtime, path, precision, self.threads, make_model)
 
     @property

@@ -34,7 +34,9 @@ from .errors import ModelError
 
 RUNTIMES = ("auto", "onnxruntime", "openvino", "torch")
 PRECISIONS = ("fp32", "bf16", "int8")
-DEFAULT_PRECISION = "fp32"  # the others are defaults only where benchmarks/speed.py finds recall@1 within 0.005 of it
+# What precision "auto" chooses from, by speed: the precisions whose recall@1 stayed within 0.005
+# of fp32 on every shared protocol (benchmarks/speed.py). int8 did not: coil-1view -0.0064.
+AUTO_PRECISIONS = ("fp32", "bf16")
 CHOICE_FILE = "runtime-choice.json"
 CALIBRATION_CHUNK = 4  # inputs per timed call when choosing a runtime, as the featurizer's CPU chunks
 INT8_METHOD = "minmax-avg"  # how int8 activation ranges are calibrated: minmax, minmax-avg or percentile
@@ -97,20 +99,18 @@ def check_choice(runtime: str, precision: str) -> None:
     """ModelError unless ``runtime`` can run ``precision`` here (``auto``: some runtime can)."""
     if runtime not in RUNTIMES:
         raise ModelError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}", subject=runtime)
-    if precision not in PRECISIONS:
-        raise ModelError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}", subject=precision)
+    if precision not in PRECISIONS + ("auto",):
+        raise ModelError(f"unknown precision {precision!r}; use auto or one of {', '.join(PRECISIONS)}", subject=precision)
     if precision == "bf16" and not native_bf16():
         raise ModelError(f"precision bf16 needs a CPU with native bf16 (AVX512-BF16 or AMX), and {cpu_name()} "
                          "has none; use fp32 or int8", subject=precision)
-    if runtime == "auto":
-        if not _candidates(precision):
+    if not _pairs(precision, None if runtime == "auto" else runtime):
+        if runtime == "auto":
             raise ModelError(f"no installed runtime runs precision {precision}", subject=precision)
-        return
-    if precision not in SUPPORTS[runtime]:
+        if not available(runtime):
+            raise ModelError(f"runtime {runtime} is not installed (pip install {runtime})", subject=runtime)
         can = [r for r in RUNTIMES[1:] if precision in SUPPORTS[r]]
         raise ModelError(f"runtime {runtime} does not run precision {precision}; use {' or '.join(can)}", subject=runtime)
-    if not available(runtime):
-        raise ModelError(f"runtime {runtime} is not installed (pip install {runtime})", subject=runtime)
 
 
 def _candidates(precision: str) -> list[str]:
@@ -266,39 +266,50 @@ def load(name: str, path: Path, precision: str, threads: int, make_model: Callab
 
 
 def choose(path: Path, precision: str, threads: int, input_size: int, make_model: Callable[[], Any],
-           model_key: str | None = None):
+           model_key: str | None = None, only: str | None = None):
     """The fastest runtime for this model, precision and CPU: remembered, or measured now.
 
+    Precision ``auto`` also chooses the precision, among AUTO_PRECISIONS this CPU runs natively.
+    ``only`` limits the choice to that runtime (precision ``auto`` with a named runtime).
     ``model_key`` names the model in the remembered choices (default: the file's name); an int8
     model is the base model's quantization, so it is remembered under the base model's name.
 
     The measurement runs ``threads`` concurrent calls of CALIBRATION_CHUNK inputs, as a build
     does, on each candidate (after one warm-up call) and keeps the one with the most images/s.
     """
-    check_choice("auto", precision)
-    key = f"{model_key or path.name}|{precision}|{cpu_name()}|{threads}"
-    remembered = _read_choices().get(key, {}).get("runtime")
-    if remembered in _candidates(precision):
+    check_choice(only or "auto", precision)
+    pairs = _pairs(precision, only)
+    key = f"{model_key or path.name}|{only or 'auto'}|{precision}|{cpu_name()}|{threads}"
+    remembered = _read_choices().get(key, {})
+    if (remembered.get("runtime"), remembered.get("precision")) in pairs:
         try:
-            return load(remembered, path, precision, threads, make_model)
+            return load(remembered["runtime"], path, remembered["precision"], threads, make_model)
         except ModelError:
             pass  # measure again below
     pixels = np.random.default_rng(0).standard_normal((CALIBRATION_CHUNK, 3, input_size, input_size)).astype(np.float32)
-    best, rates, errors = None, {}, {}
-    for name in _candidates(precision):
+    best, best_rate, rates, errors = None, 0.0, {}, {}
+    for name, prec in pairs:
         try:
-            runtime = load(name, path, precision, threads, make_model)
+            runtime = load(name, path, prec, threads, make_model)
         except ModelError as exc:
             errors[name] = str(exc)
             continue
-        rates[name] = _images_per_second(runtime, pixels, threads)
-        if best is None or rates[name] > rates[best.name]:
-            best = runtime
+        rate = rates[f"{name}/{prec}"] = _images_per_second(runtime, pixels, threads)
+        if best is None or rate > best_rate:
+            best, best_rate = runtime, rate
     if best is None:
         raise ModelError(f"{path}: no runtime could load it ({'; '.join(errors.values())})", subject=str(path))
-    _remember(key, {"runtime": best.name, "images_per_s": {k: round(v, 1) for k, v in rates.items()},
+    _remember(key, {"runtime": best.name, "precision": best.precision,
+                    "images_per_s": {k: round(v, 1) for k, v in rates.items()},
                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return best
+
+
+def _pairs(precision: str, only: str | None = None) -> list[tuple[str, str]]:
+    """(runtime, precision) candidates, of runtime ``only`` if given: precision ``auto`` stands
+    for the AUTO_PRECISIONS the CPU computes natively."""
+    precisions = [p for p in AUTO_PRECISIONS if p != "bf16" or native_bf16()] if precision == "auto" else [precision]
+    return [(r, p) for p in precisions for r in ([only] if only else _candidates(p)) if p in SUPPORTS[r] and available(r)]
 
 
 def _images_per_second(runtime, pixels: np.ndarray, threads: int, rounds: int = 2) -> float:
