@@ -433,3 +433,35 @@ def test_local_features_follow_their_items_through_add_remove_and_a_crashed_chan
     conn.close()
     store.repair(gen)
     assert VisualSearch.open(tmp_path / "index")._items.local_features([9999]) == {}
+
+
+def test_add_keeps_ivf_centroids_and_reindex_learns_them_again(tmp_path):
+    """Issue 8: adding to an IVF index does not retrain it; `info` says when `reindex` would."""
+    import faiss
+
+    from lookalike.catalog import read_catalog
+
+    items = read_catalog(FASHION / "items.csv")
+    vs = VisualSearch.build(items[:1000], tmp_path / "ivf", index="ivf", precision="fp32")
+    assert vs.info()["index_params"] == {"nlist": 16, "nprobe": 8, "trained_on": 1000}
+
+    def centroids(v):
+        ivf = faiss.downcast_index(v._index.index)
+        return ivf.quantizer.reconstruct_n(0, ivf.nlist)
+
+    before = centroids(vs)
+    assert vs.info()["reindex_advised"] is None
+    vs.add(items[1000:])
+    assert len(vs) == 2000 and np.array_equal(centroids(vs), before), "add must not retrain"
+    assert "learned from 1000 items and now holds 2000" in vs.info()["reindex_advised"]
+    with VisualSearch.open(vs.path) as reopened:  # the trained state is what is on disk
+        assert np.array_equal(centroids(reopened), before)
+    p1_before = vs.evaluate(leave_one_out=True, ks=[1])["precision@1"]
+
+    result = vs.reindex()
+    assert result["before"]["params"]["nlist"] == 16 and result["after"]["params"]["nlist"] == 32
+    assert vs.info()["index_params"]["trained_on"] == 2000 and vs.info()["reindex_advised"] is None
+    assert len(vs) == 2000 and vs.generation == 3
+    p1_after = vs.evaluate(leave_one_out=True, ks=[1])["precision@1"]
+    assert p1_after >= 0.75 and abs(p1_after - p1_before) < 0.03, (p1_before, p1_after)
+    vs.close()

@@ -176,3 +176,17 @@ def test_whitening_needs_enough_items_and_a_sane_dimension():
     assert len(emptied) == 0 and emptied.search(x[:1], 3)[2].shape == (1, 0)
     emptied.add(prepare(x, "cosine"), ids)  # learned again from what it then holds
     assert emptied.search(x[:1], 1)[2][0, 0] == ids[0]
+
+
+def test_ivf_asked_for_too_early_is_advised_once_the_catalog_is_big_enough():
+    rng = np.random.default_rng(0)
+    vectors = prepare(rng.standard_normal((600, 32)).astype(np.float32), "cosine")
+    with pytest.warns(IndexWarning):
+        vindex = VectorIndex.create("ivf", "cosine", vectors, np.arange(600))
+    assert vindex.spec.kind == "flat" and vindex.asked_kind == "ivf" and vindex.retrain_advice() is None
+    grown = vindex.copy()
+    grown.add(prepare(rng.standard_normal((600, 32)).astype(np.float32), "cosine"), np.arange(600, 1200))
+    assert len(vindex) == 600, "copy() is independent"
+    assert "ivf was asked for" in grown.retrain_advice()
+    again = VectorIndex.create(grown.asked_kind, "cosine", grown.vectors, grown.ids)
+    assert again.spec.kind == "ivf" and again.spec.params["trained_on"] == 1200

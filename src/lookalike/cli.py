@@ -163,6 +163,7 @@ def cmd_info(args) -> int:
         ("local features", _describe_local(info["local_features"])),
         ("index", f"{info['index']} {info['index_params'] or ''}".strip()),
         ("chosen because", info["chosen_because"]),
+        *([("reindex", info["reindex_advised"])] if info["reindex_advised"] else []),
         ("items", info["count"]),
         ("size on disk", _human_size(info["size_bytes"])),
         ("generation", info["generation"]),
@@ -181,6 +182,20 @@ def _describe_local(entry: dict | None) -> str:
     if not entry:
         return "none (searches are not verified geometrically; build with --local-features)"
     return f"{entry['kind']}, up to {entry['max_points']} per image at {entry['size']} px: searches verify their best candidates"
+
+
+def cmd_reindex(args) -> int:
+    vs = VisualSearch.open(args.index_dir)
+    result = vs.reindex()
+    if args.json:
+        _print_json({**result, "index": vs.info()})
+        return 0
+    for w in result["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"reindexed {args.index_dir} ({len(vs)} items): {result['before']['kind']} "
+          f"{result['before']['params'] or ''} -> {result['after']['kind']} {result['after']['params'] or ''}".rstrip())
+    print(f"chosen because: {result['after']['chosen_because']}")
+    return 0
 
 
 def cmd_doctor(args) -> int:
@@ -408,6 +423,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("index_dir")
     p.add_argument("--check-only", action="store_true", help="report problems without repairing anything")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("reindex", parents=[common], help="train the index again from its stored vectors "
+                       "(after it has grown or shrunk: `info` says when)")
+    p.add_argument("index_dir")
+    p.set_defaults(func=cmd_reindex)
 
     p = sub.add_parser("evaluate", parents=[common], help="recall@k, precision@1 and mAP of a query catalog")
     p.add_argument("index_dir")

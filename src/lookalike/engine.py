@@ -611,7 +611,7 @@ class VisualSearch:
                 int_ids = np.arange(first, first + len(kept), dtype=np.int64)
                 if local is not None:
                     local = {int(int_ids[position]): blobs for position, blobs in local.items()}
-                vindex = VectorIndex(self._index.spec, self.dim, self._index.vectors, self._index.ids)
+                vindex = self._index.copy()  # an IVF index keeps its centroids: `reindex` learns them again
                 vindex.add(vectors, int_ids)
                 manifest = dict(self.manifest, next_int_id=int(int_ids[-1]) + 1)
                 self._store.commit(manifest, vindex.vectors, vindex.ids, vindex.write_faiss,
@@ -637,11 +637,26 @@ class VisualSearch:
                     subject=missing[0],
                 )
             int_ids = np.fromiter(found.values(), dtype=np.int64)
-            vindex = VectorIndex(self._index.spec, self.dim, self._index.vectors, self._index.ids)
+            vindex = self._index.copy()
             removed = vindex.remove(int_ids)
             self._store.commit(self.manifest, vindex.vectors, vindex.ids, vindex.write_faiss, added=[], removed=int_ids.tolist())
             self._reload()
         return removed
+
+    def reindex(self) -> dict[str, Any]:
+        """Plan and train the index again from the stored vectors (the kind kept, its parameters
+        chosen for today's size), as a new generation. Returns {"before", "after"} index specs."""
+        with self._store.lock():
+            self._reload()
+            before = self._index.spec
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", IndexWarning)
+                vindex = VectorIndex.create(self._index.asked_kind, self.metric, self._index.vectors, self._index.ids,
+                                            whiten=int(before.params.get("whiten", 0)))
+            manifest = dict(self.manifest, index=vindex.spec.to_dict())
+            self._store.commit(manifest, vindex.vectors, vindex.ids, vindex.write_faiss, added=[], removed=[])
+            self._reload()
+        return {"before": before.to_dict(), "after": vindex.spec.to_dict(), "warnings": [str(w.message) for w in caught]}
 
     # --- measuring -----------------------------------------------------------------------
 
@@ -788,6 +803,7 @@ class VisualSearch:
             "index": m["index"]["kind"],
             "index_params": m["index"].get("params", {}),
             "chosen_because": m["index"].get("chosen_because", ""),
+            "reindex_advised": self._index.retrain_advice(),
             "count": int(m["count"]),
             "generation": int(m["generation"]),
             "size_bytes": self._store.disk_size(),

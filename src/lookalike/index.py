@@ -42,6 +42,7 @@ HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 EXACT_SUBSET_MAX = 200_000  # a filter matching at most this many items is searched exactly
 WHITEN_ITEMS_PER_DIM = 2  # whitening to D dimensions is learned only from at least 2*D items
+REINDEX_GROWTH = 2.0  # a trained index that grew or shrank this many times since training: retrain advised
 
 
 class IndexWarning(UserWarning):
@@ -153,7 +154,39 @@ class VectorIndex:
         """Plan the kind for this many vectors, and build it over (already prepared) vectors."""
         vectors = np.asarray(vectors, dtype=np.float32)
         spec = plan(kind, metric, len(vectors), vectors.shape[1], whiten)
+        if spec.kind in ("ivf", "ivfpq") or spec.params.get("whiten"):
+            spec.params["trained_on"] = len(vectors)  # add() keeps what was learned; reindex() learns again
         return cls(spec, vectors.shape[1], vectors, ids)
+
+    def copy(self) -> "VectorIndex":
+        """An independent copy to change (the FAISS structure cloned: nothing is trained again)."""
+        return VectorIndex(replace(self.spec, params=dict(self.spec.params)), self.dim, self.vectors, self.ids,
+                           faiss.clone_index(self.index))
+
+    @property
+    def asked_kind(self) -> str:
+        """The kind this index was asked to be: an IVF kind that fell back to exact search while
+        the catalog was too small says so in its reason."""
+        for kind in ("ivfpq", "ivf"):
+            if self.spec.kind == "flat" and self.spec.chosen_because.startswith(f"{kind} asked for"):
+                return kind
+        return self.spec.kind
+
+    def retrain_advice(self) -> str | None:
+        """Why retraining (``reindex``) would help, or None: the catalog has grown or shrunk
+        REINDEX_GROWTH times since its clustering or whitening was learned, or has grown big
+        enough for the IVF kind that was asked for when it was too small."""
+        n = len(self)
+        if self.asked_kind != self.spec.kind and n >= MIN_ITEMS_IVF:
+            return (f"{self.asked_kind} was asked for when the catalog was too small; it now holds {n} items: "
+                    f"`lookalike reindex` builds the {self.asked_kind} index")
+        trained_on = int(self.spec.params.get("trained_on", 0))
+        if not trained_on:
+            return None
+        if n >= REINDEX_GROWTH * trained_on or n * REINDEX_GROWTH <= trained_on:
+            return (f"learned from {trained_on} items and now holds {n}: `lookalike reindex` learns it again "
+                    "from the stored vectors")
+        return None
 
     @property
     def whiten(self) -> int:
