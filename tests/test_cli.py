@@ -134,7 +134,7 @@ def test_build_options_say_how_features_are_made(tmp_path):
 
     proc = run("build", SAMPLE / "catalog.csv", "-o", tmp_path / "white", "-q", "--whiten", "64")
     info = json.loads(run("info", tmp_path / "white", "--json").stdout)
-    assert info["index_params"] == {"whiten": 64} and "PCA-whitened to 64 dimensions, learned from the 300 items" in info["chosen_because"]
+    assert info["index_params"] == {"whiten": 64, "trained_on": 300} and "PCA-whitened to 64 dimensions, learned from the 300 items" in info["chosen_because"]
     assert info["dim"] == 1280  # queries and stored vectors stay the model's
     hits = json.loads(run("search", tmp_path / "white", jeans, "-k", "3", "--json").stdout)[0]["hits"]
     assert hits[0]["metadata"]["label"] == "Jeans" and hits[0]["score"] <= 1.0
