@@ -14,6 +14,7 @@ int8 needs a model quantized with ``quantize_int8`` on calibration images of the
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -57,8 +58,9 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _cpuinfo() -> tuple[str, set[str]]:
-    """(model name, feature flags) of the first CPU in /proc/cpuinfo; empty where there is none."""
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    """(model name, feature flags) of the first CPU in /proc/cpuinfo, read once; empty where there is none."""
     name, flags = "", set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -73,7 +75,7 @@ def _cpuinfo() -> tuple[str, set[str]]:
                     break
     except OSError:
         pass
-    return name, flags
+    return name, frozenset(flags)
 
 
 def cpu_name() -> str:
@@ -87,9 +89,8 @@ def native_bf16() -> bool:
 
 def available(name: str) -> bool:
     """Whether the runtime's package can be imported here."""
-    module = {"onnxruntime": "onnxruntime", "openvino": "openvino", "torch": "torch"}[name]
     try:
-        __import__(module)
+        __import__(name)
     except ImportError:
         return False
     return True
