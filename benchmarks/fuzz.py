@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import faulthandler
 import io
 import json
 import math
@@ -1184,6 +1185,9 @@ def _worker(conn, progress, targets: dict, seed: int, workdir: str, max_growth_m
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)  # libtiff and libjpeg print their complaints to fd 2: thousands of lines
     work = Path(workdir)
+    # on SIGUSR1 the Python stack goes to a file the parent reads when it kills a hung case
+    stacks = open(work / "stack.txt", "w")  # noqa: SIM115 - open for the worker's whole life
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     warned: dict[str, int] = {}
 
     def count_warning(message, category, filename, lineno, file=None, line=None):
@@ -1254,6 +1258,15 @@ def _worker(conn, progress, targets: dict, seed: int, workdir: str, max_growth_m
 EXIT_MEMORY = 3  # a worker's exit status after a case grew its memory past the limit
 
 
+def _hung_in(stack: str) -> str:
+    """The innermost frame of a faulthandler dump, as 'file:line in function'."""
+    frames = re.findall(r'File "([^"]+)", line (\d+) in (\S+)', stack)
+    if not frames:
+        return "an unknown place (no Python stack came back)"
+    path, line, func = frames[0]  # faulthandler prints the innermost frame first
+    return f"{Path(path).name}:{line} {func}"
+
+
 def _rss_mb(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/statm") as f:
@@ -1270,11 +1283,28 @@ class _Slot:
         self.progress[0] = -1
         parent, child = ctx.Pipe()
         self.conn = parent
+        self.workdir = workdir
         self.proc = ctx.Process(target=_worker, args=(child, self.progress, targets, seed, workdir, max_growth_mb), daemon=True)
         self.proc.start()
         child.close()
         self.chunk: tuple | None = None  # (target, start, count, seconds, started)
         self.peak_rss = 0.0
+
+    def stack(self) -> str:
+        """The stuck worker's Python stack (faulthandler's dump on SIGUSR1), or "" if none came."""
+        path = Path(self.workdir) / "stack.txt"
+        try:
+            os.kill(self.proc.pid, signal.SIGUSR1)
+        except OSError:
+            return ""
+        size = -1
+        for _ in range(20):  # the dump is written from the signal handler: wait until it stops growing
+            time.sleep(0.05)
+            now = path.stat().st_size if path.exists() else 0
+            if now and now == size:
+                break
+            size = now
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def kill(self) -> None:
         if self.proc.is_alive():
@@ -1413,6 +1443,7 @@ def run(
         """Kill a worker stuck in (or killed by) a case; a fresh one goes on after that case."""
         index = int(slot.progress[0])
         peak_seen[0] = max(peak_seen[0], slot.peak_rss)
+        stack = slot.stack() if kind == "hang" else ""
         slot.kill()
         fresh = _Slot(ctx, tmap, seed, str(run_dir / f"w{time.monotonic_ns()}"), max_growth_mb)
         if slot.chunk is None:
@@ -1421,7 +1452,11 @@ def run(
         if index < start:  # died between cases: nothing to blame
             index = start - 1
         else:
-            record_failure(n, index, {"kind": kind, "type": kind, "message": message, "where": kind})
+            info = {"kind": kind, "type": kind, "message": message, "where": kind}
+            if stack:
+                info["traceback"] = stack[:4000]  # innermost frame first
+                info["message"] = f"{message}; in {_hung_in(stack)}"
+            record_failure(n, index, info)
         done = index - start + 1
         if index >= start:
             stats[n]["outcomes"][kind.upper()] = stats[n]["outcomes"].get(kind.upper(), 0) + 1

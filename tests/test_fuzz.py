@@ -114,6 +114,10 @@ def test_the_runner_catches_crashes_hangs_blowups_and_dead_workers(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("canary-1-*.case")) == [f"canary-1-{i}.case" for i in (11, 3, 5, 7, 9)]
     notes = [json.loads(p.read_text()) for p in tmp_path.glob("canary-1-*.json")]
     assert sorted(n["kind"] for n in notes) == ["died", "exception", "hang", "invalid", "memory"]
+    hang = next(n for n in notes if n["kind"] == "hang")  # where it hung: the worker's stack, by faulthandler
+    assert hang["message"].startswith("case still running after 1 s; in test_fuzz.py:"), hang["message"]
+    assert hang["message"].endswith(" execute") and "time.sleep(60)" not in hang["message"]
+    assert "in execute" in hang["traceback"]
 
 
 # --- helpers for the regression tests -----------------------------------------------------------
@@ -327,10 +331,27 @@ def test_jsonl_numbers_too_long_or_nesting_too_deep_is_a_catalog_error(tmp_path,
         _catalog(tmp_path, "c.jsonl", b'{"image": "a.jpg"}\n{"image": "b.jpg", "n": ' + value + b"}\n")
 
 
-def test_jsonl_nesting_that_json_reads_but_cleaning_cannot_is_a_catalog_error(tmp_path):
-    # deep enough for _clean's recursion (two frames a level), not for json.loads (one)
-    with pytest.raises(CatalogError, match="nested too deeply"):  # was RecursionError
-        _catalog(tmp_path, "c.jsonl", b'{"image": "a.jpg", "n": ' + b"[" * 600 + b"]" * 600 + b"}\n")
+@pytest.mark.parametrize("limit", [1000, 20_000])
+def test_jsonl_nesting_that_json_reads_is_refused_whatever_the_recursion_limit(tmp_path, limit):
+    # 600 levels: deep enough for _clean's recursion (two frames a level), not for json.loads (one).
+    # It was a RecursionError, then a CatalogError or not depending on the recursion limit and the
+    # caller's stack depth (seed 20261127 hung three forked fuzz workers in CI on such rows).
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit)
+    try:
+        for row in (
+            b'{"image": "a.jpg", "n": ' + b"[" * 600 + b"]" * 600 + b"}",
+            b'{"image": "a.jpg", "label": ' + b'{"a":' * 600 + b"1" + b"}" * 600 + b"}",
+            b'{"image": "a.jpg", "n": ' + b"[" * 33 + b"]" * 33 + b"}",
+        ):
+            with pytest.raises(CatalogError, match=r"c\.jsonl:1: values nested more than 32 levels deep"):
+                _catalog(tmp_path, "c.jsonl", row + b"\n")
+        deep_enough = _catalog(tmp_path, "c.jsonl", b'{"image": "a.jpg", "n": ' + b"[" * 32 + b"]" * 32 + b"}\n")
+        assert len(deep_enough) == 1
+        with pytest.raises(CatalogError, match=r"c\.jsonl:1: 'image' must be a path or URL, not a dict"):
+            _catalog(tmp_path, "c.jsonl", b'{"image": ' + b'{"a":' * 600 + b"1" + b"}" * 600 + b"}\n")
+    finally:
+        sys.setrecursionlimit(old)
 
 
 @pytest.mark.parametrize("line", [

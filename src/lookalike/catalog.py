@@ -27,6 +27,10 @@ from .errors import CatalogError, one_line
 from .images import IMAGE_SUFFIXES, is_url
 from .types import Item
 
+# Metadata nested deeper than this is refused: no catalog needs it, and a bound known in advance
+# keeps the recursive cleaning below far from Python's recursion limit, whatever the caller's depth.
+MAX_NESTING = 32
+
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet", ".txt")
 
 
@@ -173,6 +177,10 @@ def _items_from_rows(rows, manifest: Path) -> list[Item]:
         image = row.get("image")
         if image is None or (isinstance(image, str) and not image.strip()):
             raise CatalogError(f"{where}: empty 'image'", subject=where)
+        if isinstance(image, (dict, list, tuple, bool)):
+            raise CatalogError(f"{where}: 'image' must be a path or URL, not a {type(image).__name__}", subject=where)
+        if _too_deep(row):
+            raise CatalogError(f"{where}: values nested more than {MAX_NESTING} levels deep", subject=where)
         image = str(image).strip()
         if "\x00" in image:
             raise CatalogError(f"{where}: 'image' holds a NUL character", subject=where)
@@ -186,11 +194,8 @@ def _items_from_rows(rows, manifest: Path) -> list[Item]:
         item_id = row.get("id")
         if item_id is None or str(item_id).strip() == "":
             item_id = _stem(image)
-        try:
-            item_id = str(_clean(item_id)).strip()
-            metadata = {k: _clean(v) for k, v in row.items() if k not in ("id", "image")}
-        except RecursionError:
-            raise CatalogError(f"{where}: values nested too deeply", subject=where) from None
+        item_id = str(_clean(item_id)).strip()
+        metadata = {k: _clean(v) for k, v in row.items() if k not in ("id", "image")}
         label = metadata.get("label")
         items.append(
             Item(id=item_id, image=image, label=None if label is None else str(label), metadata=metadata, row=where)
@@ -215,6 +220,21 @@ def _stem(image: str) -> str:
         stem = Path(urllib.parse.unquote(path)).stem
         return stem or image
     return Path(image).stem
+
+
+def _too_deep(row: dict) -> bool:
+    """True if lists and dicts in ``row`` nest deeper than MAX_NESTING (checked without recursion)."""
+    level = [row]  # the containers at depth 0, 1, ... (the row's own values are at depth 1)
+    for _ in range(MAX_NESTING + 1):
+        level = [
+            child
+            for value in level
+            for child in (value.values() if isinstance(value, dict) else value)
+            if isinstance(child, (dict, list, tuple))
+        ]
+        if not level:
+            return False
+    return True
 
 
 def _clean(value: Any) -> Any:
