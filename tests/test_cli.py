@@ -6,10 +6,13 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import COIL, DATA, FASHION, SAMPLE, tree_digest, write_csv
@@ -53,6 +56,50 @@ def test_build_search_info_from_the_command_line(tmp_path):
     text = run("info", out, "--verify").stdout
     for word in ("efficientnet-lite0", "cosine", "flat", "1280", "300", "size on disk", "verify:         ok"):
         assert word in text
+
+
+def test_max_memory_chooses_the_index_and_info_shows_its_memory_and_recall(tmp_path):
+    out = tmp_path / "idx"
+    built = json.loads(run("build", SAMPLE / "catalog.csv", "-o", out, "--max-memory", "64MB", "--json").stdout)["index"]
+    assert built["index"] == "flat" and built["index_params"] == {"max_memory": 64 * 2**20}
+    assert built["chosen_because"] == "300 items (<= 50,000): exact search, 1 MB of the 64 MB budget"
+    assert built["recall_at_10"] == 1.0 and 300 * 1280 * 4 <= built["memory_bytes"] < 2 * 300 * 1280 * 4
+    text = run("info", out).stdout
+    assert "memory:         1.5 MB (the FAISS structure, estimated)" in text
+    assert "recall@10:      1.000 against exact search (measured at build)" in text
+    again = json.loads(run("reindex", out, "--json").stdout)  # the budget is kept and chooses again
+    assert again["after"]["params"] == {"max_memory": 64 * 2**20} and again["index"]["recall_at_10"] == 1.0
+
+
+def test_a_killed_build_resumes_where_it_stopped_and_gives_the_same_index(tmp_path):
+    args = ("build", COIL / "items.csv", "--tta", "none", "--json")
+    whole = json.loads(run(*args, "-o", tmp_path / "whole").stdout)
+    assert whole["resumed"] == 0 and whole["indexed"] == 1200
+    assert not (tmp_path / ".whole.lookalike-build").exists()  # the shards go once the index is written
+
+    shards = tmp_path / ".part.lookalike-build"
+    proc = subprocess.Popen([EXE, *map(str, args), "-o", tmp_path / "part"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(1200):  # until the first of its two shards (1024 items of 1200) is saved
+            if (shards / "shard-000000.npz").exists() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert (shards / "shard-000000.npz").exists() and not (shards / "shard-000001.npz").exists()
+    assert not (tmp_path / "part" / "lookalike.json").exists()
+
+    other = run("build", COIL / "items.csv", "--tta", "flip", "-o", tmp_path / "part", "--resume", check=False)
+    assert other.returncode == 2 and "was of another catalog or other options" in other.stderr
+    assert (shards / "shard-000000.npz").exists()  # a refused resume keeps what was done
+    resumed = json.loads(run(*args, "-o", tmp_path / "part", "--resume").stdout)
+    assert resumed["resumed"] == 1024 and resumed["indexed"] == 1200 and not shards.exists()
+    for name in ("vectors-1.npy", "ids-1.npy"):  # the same batches, so the same vectors, bit for bit
+        assert np.array_equal(np.load(tmp_path / "whole" / name), np.load(tmp_path / "part" / name)), name
+    whole_info, part_info = (json.loads(run("info", tmp_path / d, "--json").stdout) for d in ("whole", "part"))
+    assert {k: v for k, v in whole_info.items() if k not in ("path", "created_at", "updated_at", "size_bytes")} == \
+        {k: v for k, v in part_info.items() if k not in ("path", "created_at", "updated_at", "size_bytes")}
 
 
 def test_add_remove_classify_from_the_command_line(tmp_path, sample_index):
@@ -162,6 +209,12 @@ BAD_CASES = {
     "unknown pooling": (["build", "{sample}", "-o", "{tmp}/o", "--pooling", "max"], "invalid choice"),
     "negative expand": (["search", "{index}", "{query}", "--expand", "-1"], "must be 0 or more"),
     "expand too far": (["evaluate", "{index}", "--leave-one-out", "--expand", "99"], "from 0 to 50"),
+    "kind and budget": (["build", "{sample}", "-o", "{tmp}/o", "--index", "hnsw", "--max-memory", "1GB"],
+                        "give one or the other"),
+    "nothing to resume": (["build", "{sample}", "-o", "{tmp}/o", "--resume"], "no interrupted build to resume"),
+    "unreadable budget": (["build", "{sample}", "-o", "{tmp}/o", "--max-memory", "lots"], "expected a size such as 2GB"),
+    "budget too small": (["build", "{sample}", "-o", "{tmp}/o", "--max-memory", "100KB"],
+                         "300 vectors of dimension 1280 need 1 MB for exact search; --max-memory 100 KB is too small"),
 }
 
 

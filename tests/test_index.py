@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from lookalike import IndexError_, QueryError
-from lookalike.index import KINDS, METRICS, IndexWarning, VectorIndex, plan, prepare
+from lookalike.index import (
+    EXACT_MAX, KINDS, METRICS, TARGET_RECALL, IndexWarning, VectorIndex, memory_bytes, parse_size, plan, plan_for_memory, prepare,
+)
 
 
 def _data(n=3000, d=64, seed=0):
@@ -190,3 +192,95 @@ def test_ivf_asked_for_too_early_is_advised_once_the_catalog_is_big_enough():
     assert "ivf was asked for" in grown.retrain_advice()
     again = VectorIndex.create(grown.asked_kind, "cosine", grown.vectors, grown.ids)
     assert again.spec.kind == "ivf" and again.spec.params["trained_on"] == 1200
+
+
+# --- kind auto: a memory budget chooses -----------------------------------------------------------
+
+
+def test_sizes_parse_in_binary_units_and_nonsense_is_an_index_error():
+    assert parse_size("2GB") == parse_size("2 gb") == parse_size("2G") == 2 * 2**30
+    assert parse_size("512MB") == 512 * 2**20 and parse_size("1.5GiB") == int(1.5 * 2**30) and parse_size(4096) == 4096
+    for bad in ("", "two GB", "-1GB", "0", "2 GBs", "nan GB", "inf", True, -5):
+        with pytest.raises(IndexError_, match="expected a size such as 2GB"):
+            parse_size(bad)
+
+
+@pytest.mark.parametrize("n, budget, kind", [
+    (10_000, "1GB", "flat"),  # small: exact
+    (EXACT_MAX + 1, "1GB", "hnsw"),  # past exact, the graph fits
+    (150_000, "750MB", "ivf"),  # the graph (772 MB) does not fit, the vectors (738 MB) do
+    (1_000_000, "8GB", "ivf"),  # too many for HNSW's build time
+    (1_000_000, "2GB", "ivfpq"),  # the vectors (4.8 GB) do not fit
+    (10_000, "20MB", "ivfpq"),  # small, but not even exact search fits
+])
+def test_the_budget_and_the_catalog_size_choose_the_kind(n, budget, kind):
+    spec = plan_for_memory("cosine", n, 1280, budget)
+    assert spec.kind == kind, spec.chosen_because
+    assert memory_bytes(spec.kind, spec.params, n, 1280) <= parse_size(budget)
+    assert spec.params["max_memory"] == parse_size(budget)
+    assert parse_size(budget) / 2**30 >= 1 and "GB budget" in spec.chosen_because or "MB budget" in spec.chosen_because
+    if kind == "ivfpq":  # PCA to 256 dimensions, the longest codes that fit, exact re-ranking
+        assert spec.params["pca"] == 256 and spec.params["rerank"] == 10 and spec.params["m"] == 64
+
+
+def test_a_budget_nothing_fits_in_is_an_index_error_that_says_how_much_is_needed():
+    with pytest.raises(IndexError_, match=r"1,000,000 vectors of dimension 1280 need at least \d+ MB .* too small"):
+        plan_for_memory("cosine", 1_000_000, 1280, "10MB")
+    with pytest.raises(IndexError_, match=r"500 vectors of dimension 1280 need 2 MB for exact search; .* too small"):
+        plan_for_memory("cosine", 500, 1280, "1MB")
+    with pytest.raises(IndexError_, match="needs a memory budget"):
+        VectorIndex.create("auto", "cosine", *_data(100))
+    with pytest.raises(IndexError_, match="not combined"):
+        VectorIndex.create("auto", "cosine", *_data(100), whiten=8, max_memory="1GB")
+
+
+def _catalog_like(n, d, seed=0):
+    """Vectors with the structure of a catalog: many tight groups (products and their variants)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(n // 20, d)).astype(np.float32)
+    x = centers[rng.integers(0, len(centers), n)] + 0.5 * rng.normal(size=(n, d)).astype(np.float32)
+    return prepare(x, "cosine"), np.arange(1, n + 1, dtype=np.int64)
+
+
+@pytest.mark.parametrize("budget, kind, d", [("1GB", "hnsw", 64), ("40MB", "ivfpq", 288)])
+def test_auto_tunes_search_to_the_target_recall_and_measures_it_on_held_aside_items(budget, kind, d):
+    x, ids = _catalog_like(EXACT_MAX + 2000, d)
+    index = VectorIndex.create("auto", "cosine", x, ids, max_memory=budget)
+    assert index.spec.kind == kind and index.asked_kind == "auto"
+    measured = index.spec.measured
+    assert measured["recall_at_10"] >= TARGET_RECALL and measured["queries"] == 500
+    param = "ef_search" if kind == "hnsw" else "nprobe"
+    tried = measured[param]  # the ladder stops at the first setting that reaches the target
+    assert list(tried.values())[-1] >= TARGET_RECALL > max([0.0] + list(tried.values())[:-1])
+    assert str(index.spec.params[param]) == list(tried)[-1] and f"{param} {index.spec.params[param]} reaches" in index.spec.chosen_because
+    # the recall measured again, and against exact search on fresh queries, agrees
+    assert abs(index.recall() - measured["recall_at_10"]) < 1e-9
+    noise = np.random.default_rng(1).normal(size=(300, d)).astype(np.float32) * (0.3 / np.sqrt(d))  # |noise| ~ 0.3
+    queries = prepare(x[:300] + noise, "cosine")
+    _, _, got = index.search(queries, 10)
+    want, _ = _brute("cosine", x, ids, queries, 10)
+    fresh = (got[:, :, None] == want[:, None, :]).any(axis=2).mean()
+    assert fresh >= TARGET_RECALL - 0.03, fresh
+    if kind == "ivfpq":  # re-ranked exactly: the scores are the true cosine similarities
+        scores, _, got = index.search(queries[:20], 5)
+        np.testing.assert_allclose(scores, np.einsum("qkd,qd->qk", x[got - 1], queries[:20]), atol=1e-5)
+
+
+def test_a_mapped_faiss_file_opens_fast_and_every_change_goes_to_an_owned_copy(tmp_path):
+    x, ids = _data(5000)
+    for kind in ("flat", "hnsw", "ivf", "ivfpq"):
+        built = VectorIndex.create(kind, "cosine", prepare(x, "cosine"), ids)
+        path = str(tmp_path / f"{kind}.faiss")
+        built.write_faiss(path)
+        opened, from_file = VectorIndex.load(built.spec, 64, built.vectors, built.ids, path)
+        assert from_file and opened.mapped, kind
+        _, _, before = opened.search(x[:5], 5)
+        copy = opened.copy()  # FAISS would abort the process on a change to the mapped structure itself
+        assert not copy.mapped
+        copy.add(prepare(x[:3], "cosine"), np.array([1, 2, 3]))
+        copy.remove(np.array([100, 101]))
+        assert len(copy) == 5001 and len(opened) == 5000
+        opened.remove(np.array([102]))  # in place: it becomes its own first
+        opened.add(prepare(x[:1], "cosine"), np.array([7]))
+        assert not opened.mapped and len(opened) == 5000
+        assert (VectorIndex.load(built.spec, 64, built.vectors, built.ids, path)[0].search(x[:5], 5)[2] == before).all()

@@ -10,6 +10,17 @@ eigenvalue power -1/2, then L2 normalisation for ``cosine``): the stored vectors
 vectors stay the model's, and the index searches D-dimensional whitened vectors. Rebuilding the
 FAISS file from the vectors learns it again from the items the index then holds.
 
+Kind ``auto`` chooses from the catalog size and a memory budget (``plan_for_memory``): exact
+search up to EXACT_MAX items, then HNSW or IVF-Flat while the vectors fit, then IVF-PQ over
+PCA-reduced vectors whose candidates are ranked again exactly from the stored vectors (read from
+the memory-mapped vectors file, which is not counted in the budget). Its search parameters are
+then tuned on held-aside catalog items until recall@10 against exact search reaches
+TARGET_RECALL, and the recall measured is kept in the spec.
+
+FAISS files open memory-mapped (``IO_FLAG_MMAP_IFC``): opening is quick and service workers
+share the pages. FAISS aborts the process on a change to a mapped index, so every change goes to
+an owned copy first.
+
 Scores (higher is more similar) and distances (the metric's raw value):
 - cosine: score = inner product of normalised vectors, distance = 1 - score
 - l2:     distance = squared L2, score = 1 / (1 + distance)
@@ -19,6 +30,7 @@ Scores (higher is more similar) and distances (the metric's raw value):
 from __future__ import annotations
 
 import math
+import mmap
 import warnings
 from dataclasses import replace
 
@@ -32,6 +44,7 @@ OMP_THREADS = faiss.omp_get_max_threads()  # FAISS's own default: one per core
 FEW_QUERIES = 8  # searches of fewer queries run on one thread
 
 KINDS = ("flat", "hnsw", "ivf", "ivfpq")
+AUTO = "auto"  # a kind chosen by plan_for_memory
 METRICS = ("cosine", "l2", "ip")
 
 # Named thresholds for the approximate kinds (see the FAISS wiki's guidelines).
@@ -43,15 +56,27 @@ HNSW_EF_SEARCH = 128
 EXACT_SUBSET_MAX = 200_000  # a filter matching at most this many items is searched exactly
 WHITEN_ITEMS_PER_DIM = 2  # whitening to D dimensions is learned only from at least 2*D items
 REINDEX_GROWTH = 2.0  # a trained index that grew or shrank this many times since training: retrain advised
+TRAIN_POINTS_PER_CENTROID = 64  # k-means learns from at most this many vectors a list (FAISS: 256)
+TRAIN_MAX = 2**18  # PCA, whitening and k-means learn from at most this many vectors (an even sample)
+
+# Kind "auto" (plan_for_memory)
+EXACT_MAX = 50_000  # up to this many items: exact search, if it fits
+HNSW_MAX = 200_000  # up to this many: HNSW, if it fits (its build time grows fastest); then IVF-Flat
+PQ_PCA_DIM = 256  # IVF-PQ searches vectors PCA-reduced to this many dimensions (cosine and l2)
+PQ_RERANK = 10  # IVF-PQ fetches this many candidates per result and ranks them exactly
+TARGET_RECALL = 0.95  # search parameters are raised until recall@10 reaches this ...
+RECALL_QUERIES = 500  # ... measured with this many held-aside catalog items as queries
+RECALL_K = 10
 
 
 class IndexWarning(UserWarning):
     """The index could not be what was asked and did something safe instead."""
 
 
-def check_spec(kind: str, metric: str) -> None:
-    if kind not in KINDS:
-        raise IndexError_(f"unknown index kind {kind!r}; use one of {', '.join(KINDS)}", subject=kind)
+def check_spec(kind: str, metric: str, auto: bool = False) -> None:
+    kinds = KINDS + ((AUTO,) if auto else ())
+    if kind not in kinds:
+        raise IndexError_(f"unknown index kind {kind!r}; use one of {', '.join(kinds)}", subject=kind)
     if metric not in METRICS:
         raise IndexError_(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}", subject=metric)
 
@@ -134,39 +159,186 @@ def _plan_kind(kind: str, metric: str, n: int, dim: int) -> IndexSpec:
     return IndexSpec(kind, metric, params, why)
 
 
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
+          "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40, "TIB": 2**40}
+
+
+def parse_size(size: "int | str") -> int:
+    """Bytes from a whole number or a size such as '2GB', '512 MB', '1.5G' (binary units: 1 GB = 2**30)."""
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool) and size > 0:
+        return int(size)
+    text = str(size).strip().upper().replace(" ", "")
+    number = text.rstrip("BKMGTI")
+    unit = text[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _UNITS or not math.isfinite(value) or value <= 0:
+        raise IndexError_(f"memory size {size!r}: expected a size such as 2GB or 512MB", subject=str(size))
+    return int(value * _UNITS[unit])
+
+
+def memory_bytes(kind: str, params: dict, n: int, dim: int) -> int:
+    """About how much memory the FAISS structure of this kind takes for ``n`` vectors (the
+    stored vectors file, memory-mapped and read only for exact re-ranking, is not counted)."""
+    ids = 8 * n  # int64 ids (an IDMap, or the inverted lists' ids)
+    if kind == "flat":
+        return 4 * dim * n + ids
+    if kind == "hnsw":
+        # 2*M int32 links a vector on level 0, a few more on the levels above, and its level
+        return (4 * dim + 2 * int(params["M"]) * 4 + 16) * n + ids
+    d = int(params.get("whiten") or params.get("pca") or dim)
+    pretransform = 4 * dim * d if d != dim else 0
+    centroids = 4 * d * int(params["nlist"])
+    if kind == "ivf":
+        return 4 * d * n + ids + centroids + pretransform
+    if kind == "ivfpq":
+        codebooks = 4 * 256 * d
+        return int(params["m"]) * n + ids + centroids + codebooks + pretransform
+    raise IndexError_(f"unknown index kind {kind!r}", subject=kind)
+
+
+def plan_for_memory(metric: str, n: int, dim: int, max_memory: "int | str") -> IndexSpec:
+    """Choose the kind and its parameters from the catalog size and a memory budget.
+
+    Exact search up to EXACT_MAX items; then HNSW (up to HNSW_MAX items) or IVF-Flat while the
+    vectors fit; then IVF-PQ over vectors PCA-reduced to PQ_PCA_DIM dimensions, with the most
+    bytes a code that fit, and exact re-ranking of PQ_RERANK candidates per result.
+    """
+    check_spec("flat", metric)
+    budget = parse_size(max_memory)
+
+    def size(b: int) -> str:
+        if b < 2**20:
+            return f"{b / 2**10:,.0f} KB"
+        return f"{b / 2**20:,.0f} MB" if b < 2**30 else f"{b / 2**30:,.2f} GB"
+
+    def fits(spec: IndexSpec) -> bool:
+        return memory_bytes(spec.kind, spec.params, n, dim) <= budget
+
+    of = f"of the {size(budget)} budget"
+    flat = IndexSpec("flat", metric, {}, "")
+    if n <= EXACT_MAX and fits(flat):
+        spec = replace(flat, chosen_because=f"{n} items (<= {EXACT_MAX:,}): exact search, "
+                                            f"{size(memory_bytes('flat', {}, n, dim))} {of}")
+    elif n < MIN_ITEMS_IVF:
+        raise IndexError_(f"{n} vectors of dimension {dim} need {size(memory_bytes('flat', {}, n, dim))} for exact "
+                          f"search; --max-memory {size(budget)} is too small", subject=str(max_memory))
+    else:
+        hnsw, ivf = _plan_kind("hnsw", metric, n, dim), _plan_kind("ivf", metric, n, dim)
+        if n <= HNSW_MAX and fits(hnsw):
+            spec = replace(hnsw, chosen_because=f"{n:,} items (<= {HNSW_MAX:,}), the graph fits: HNSW, M={HNSW_M}, "
+                                                f"{size(memory_bytes('hnsw', hnsw.params, n, dim))} {of}")
+        elif fits(ivf):
+            spec = replace(ivf, chosen_because=f"the vectors fit: IVF-Flat, {ivf.chosen_because}, "
+                                               f"{size(memory_bytes('ivf', ivf.params, n, dim))} {of}")
+        else:
+            spec = _plan_pq(metric, n, dim, budget)
+            if spec is None:
+                smallest = memory_bytes("ivfpq", {"nlist": 1, "m": 4, "pca": min(dim, PQ_PCA_DIM)}, n, dim)
+                raise IndexError_(f"{n:,} vectors of dimension {dim} need at least {size(smallest)} even as 4-byte "
+                                  f"PQ codes; --max-memory {size(budget)} is too small", subject=str(max_memory))
+            spec = replace(spec, chosen_because=f"the vectors ({size(memory_bytes('flat', {}, n, dim))}) do not fit: "
+                                                f"{spec.chosen_because}, {size(memory_bytes('ivfpq', spec.params, n, dim))} {of}")
+    spec.params["max_memory"] = budget
+    return spec
+
+
+def _plan_pq(metric: str, n: int, dim: int, budget: int) -> IndexSpec | None:
+    """IVF-PQ with the longest codes (up to 64 bytes) that fit, or None if none does."""
+    reduce = metric != "ip" and dim > PQ_PCA_DIM  # PCA centres the vectors: inner products would change
+    d = PQ_PCA_DIM if reduce else dim
+    base = _plan_kind("ivf", metric, n, d)
+    for m in (64, 32, 16, 8, 4):
+        if d % m or m > d:
+            continue
+        params = {**base.params, "m": m, "nbits": 8, "rerank": PQ_RERANK, **({"pca": d} if reduce else {})}
+        if memory_bytes("ivfpq", params, n, dim) <= budget:
+            why = (f"IVF-PQ{f' over {d} PCA dimensions' if reduce else ''}, {base.params['nlist']} lists, "
+                   f"{m}-byte codes, the best {PQ_RERANK} candidates a result ranked again exactly")
+            return IndexSpec("ivfpq", metric, params, why)
+    return None
+
+
+def _read_at_random(array: np.ndarray) -> None:
+    """Tell the kernel that this memory-mapped array's rows are read at random: no read-ahead, so
+    re-ranking brings in the pages of its candidates only, not the megabytes around each (without
+    it, 1,000 queries on a million vectors had paged in the whole 4.9 GB file)."""
+    while array is not None and not isinstance(getattr(array, "_mmap", None), mmap.mmap):
+        array = getattr(array, "base", None)
+    if array is not None and hasattr(mmap, "MADV_RANDOM"):
+        try:
+            array._mmap.madvise(mmap.MADV_RANDOM)
+        except (OSError, ValueError):  # advice only
+            pass
+
+
 class VectorIndex:
     """FAISS index plus the vectors and int ids it holds; search returns scores and int ids."""
 
-    def __init__(self, spec: IndexSpec, dim: int, vectors: np.ndarray, ids: np.ndarray, index=None):
+    def __init__(self, spec: IndexSpec, dim: int, vectors: np.ndarray, ids: np.ndarray, index=None, mapped: bool = False):
         check_spec(spec.kind, spec.metric)
+        self.mapped = mapped  # the FAISS structure is a read-only view of its file: never change it in place
+        self._sorted: bool | None = None  # whether self.ids ascend (they do unless ids were given out of order)
         self.spec = spec
         self.dim = dim
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, dim)
         self.ids = np.ascontiguousarray(ids, dtype=np.int64)
         if len(self.vectors) != len(self.ids):
             raise IndexError_(f"{len(self.vectors)} vectors but {len(self.ids)} ids")
+        if self.spec.params.get("rerank"):
+            _read_at_random(self.vectors)
         self.index = index if index is not None else self._build()
         if self.index.ntotal != len(self.ids):
             raise IndexError_(f"FAISS index holds {self.index.ntotal} vectors, expected {len(self.ids)}")
 
     @classmethod
-    def create(cls, kind: str, metric: str, vectors: np.ndarray, ids: np.ndarray, whiten: int = 0) -> "VectorIndex":
-        """Plan the kind for this many vectors, and build it over (already prepared) vectors."""
+    def create(cls, kind: str, metric: str, vectors: np.ndarray, ids: np.ndarray, whiten: int = 0,
+               max_memory: "int | str | None" = None) -> "VectorIndex":
+        """Plan the kind for this many vectors, and build it over (already prepared) vectors.
+
+        Kind ``auto`` is chosen by ``plan_for_memory`` within ``max_memory`` and then tuned to
+        TARGET_RECALL (``tune``)."""
         vectors = np.asarray(vectors, dtype=np.float32)
-        spec = plan(kind, metric, len(vectors), vectors.shape[1], whiten)
+        if kind == AUTO:
+            if whiten:
+                raise IndexError_("whitening is not combined with a memory budget (kind auto): give one or the other",
+                                  subject=whiten)
+            if max_memory is None:
+                raise IndexError_("index kind auto needs a memory budget (max_memory, e.g. '2GB')", subject=kind)
+            spec = plan_for_memory(metric, len(vectors), vectors.shape[1], max_memory)
+        else:
+            spec = plan(kind, metric, len(vectors), vectors.shape[1], whiten)
         if spec.kind in ("ivf", "ivfpq") or spec.params.get("whiten"):
             spec.params["trained_on"] = len(vectors)  # add() keeps what was learned; reindex() learns again
-        return cls(spec, vectors.shape[1], vectors, ids)
+        built = cls(spec, vectors.shape[1], vectors, ids)
+        if kind == AUTO:
+            built.tune()
+        return built
 
     def copy(self) -> "VectorIndex":
-        """An independent copy to change (the FAISS structure cloned: nothing is trained again)."""
-        return VectorIndex(replace(self.spec, params=dict(self.spec.params)), self.dim, self.vectors, self.ids,
-                           faiss.clone_index(self.index))
+        """An independent copy to change, owning its FAISS structure (nothing is trained again)."""
+        return VectorIndex(replace(self.spec, params=dict(self.spec.params), measured=dict(self.spec.measured)),
+                           self.dim, self.vectors, self.ids, self._owned_faiss())
+
+    def _owned_faiss(self):
+        # clone_index keeps a mapped structure's views, which FAISS then refuses (by abort) to change
+        if self.mapped:
+            return faiss.deserialize_index(faiss.serialize_index(self.index))
+        return faiss.clone_index(self.index)
+
+    def _own(self) -> None:
+        """Make the FAISS structure this object's own before changing it."""
+        if self.mapped:
+            self.index, self.mapped = self._owned_faiss(), False
 
     @property
     def asked_kind(self) -> str:
-        """The kind this index was asked to be: an IVF kind that fell back to exact search while
-        the catalog was too small says so in its reason."""
+        """The kind this index was asked to be: ``auto`` when a memory budget chose it; an IVF kind
+        that fell back to exact search while the catalog was too small says so in its reason."""
+        if "max_memory" in self.spec.params:
+            return AUTO
         for kind in ("ivfpq", "ivf"):
             if self.spec.kind == "flat" and self.spec.chosen_because.startswith(f"{kind} asked for"):
                 return kind
@@ -193,13 +365,26 @@ class VectorIndex:
         """The whitened dimension the FAISS structure searches (0: not whitened)."""
         return int(self.spec.params.get("whiten", 0))
 
+    @property
+    def pca(self) -> int:
+        """The PCA-reduced dimension an IVF-PQ structure searches (0: not reduced); its candidates
+        are always ranked again exactly."""
+        return int(self.spec.params.get("pca", 0))
+
+    @property
+    def memory_bytes(self) -> int:
+        """About how much memory the FAISS structure takes (see ``memory_bytes``)."""
+        return memory_bytes(self.spec.kind, self.spec.params, len(self), self.dim)
+
     def __len__(self) -> int:
         return len(self.ids)
 
     # --- building ------------------------------------------------------------------------
 
     def _empty(self):
-        d, metric, p = self.whiten or self.dim, _faiss_metric(self.spec.metric), self.spec.params
+        d, metric, p = self.whiten or self.pca or self.dim, _faiss_metric(self.spec.metric), self.spec.params
+        if self.pca:  # PCA centres the vectors, which keeps L2 ranks (cosine: of unit vectors) but not inner products
+            metric = faiss.METRIC_L2
         kind = self.spec.kind
         if kind == "flat":
             return faiss.IndexIDMap2(self._whitened(faiss.IndexFlat(d, metric)))
@@ -213,17 +398,22 @@ class VectorIndex:
         else:
             index = faiss.IndexIVFPQ(quantizer, d, int(p["nlist"]), int(p["m"]), int(p["nbits"]), metric)
             index.pq.cp.min_points_per_centroid = 1  # small catalogs are expected: no stderr warning
+        index.cp.max_points_per_centroid = TRAIN_POINTS_PER_CENTROID  # k-means on a sample, not all of 1M vectors
         index.own_fields = True
         quantizer.this.disown()
         return self._whitened(index)
 
     def _whitened(self, inner):
-        """``inner`` behind the learned whitening (and L2 normalisation for cosine), if any."""
-        if not self.whiten:
+        """``inner`` behind the learned whitening (and L2 normalisation for cosine), or the PCA
+        reduction (with a random rotation, which spreads variance evenly over PQ's sub-vectors)."""
+        if not self.whiten and not self.pca:
             return inner
         index = faiss.IndexPreTransform(inner)
-        chain = [faiss.PCAMatrix(self.dim, self.whiten, -0.5, False)]
-        if self.spec.metric == "cosine":
+        if self.pca:
+            chain = [faiss.PCAMatrix(self.dim, self.pca, 0.0, True)]
+        else:
+            chain = [faiss.PCAMatrix(self.dim, self.whiten, -0.5, False)]
+        if self.whiten and self.spec.metric == "cosine":
             chain.append(faiss.NormalizationTransform(self.whiten, 2.0))
         for transform in reversed(chain):
             index.prepend_transform(transform)
@@ -246,10 +436,13 @@ class VectorIndex:
 
     def _build(self):
         index = self._empty()
-        if self.spec.kind in ("ivf", "ivfpq") or self.whiten:
+        if self.spec.kind in ("ivf", "ivfpq") or self.whiten or self.pca:
             if len(self.vectors) == 0:
                 raise IndexError_(f"an {self.spec.kind} index needs vectors to train on")
-            index.train(self.vectors)
+            train = self.vectors
+            if len(train) > TRAIN_MAX:
+                train = train[np.sort(np.random.default_rng(0).choice(len(train), TRAIN_MAX, replace=False))]
+            index.train(np.ascontiguousarray(train))
         if len(self.ids):
             index.add_with_ids(self.vectors, self.ids)
         return index
@@ -262,8 +455,10 @@ class VectorIndex:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if len(ids) == 0:
             return
+        self._own()
         self.vectors = np.concatenate([self.vectors, vectors])
         self.ids = np.concatenate([self.ids, ids])
+        self._sorted = None
         if not self.index.is_trained:  # a whitened index that was emptied: learn it again
             self.index = self._build()
         else:
@@ -276,6 +471,8 @@ class VectorIndex:
         removed = int((~keep).sum())
         if removed == 0:
             return 0
+        self._own()
+        self._sorted = None
         self.vectors = np.ascontiguousarray(self.vectors[keep])
         self.ids = np.ascontiguousarray(self.ids[keep])
         if self.spec.kind == "hnsw":  # HNSW cannot delete: rebuild the graph from the vectors
@@ -289,9 +486,16 @@ class VectorIndex:
     def vectors_of(self, int_ids: np.ndarray) -> np.ndarray:
         """The stored (prepared) vectors of these int ids, in their shape + [dim]; all must exist."""
         int_ids = np.asarray(int_ids, dtype=np.int64)
-        order = np.argsort(self.ids, kind="stable")  # ids grow with every add, so this is cheap
-        pos = order[np.searchsorted(self.ids, int_ids.ravel(), sorter=order)]
-        return self.vectors[pos].reshape(*int_ids.shape, self.dim)
+        return self.vectors[self._positions(int_ids.ravel())].reshape(*int_ids.shape, self.dim)
+
+    def _positions(self, int_ids: np.ndarray) -> np.ndarray:
+        """Rows of these (existing) int ids in self.vectors."""
+        if self._sorted is None:  # ids grow with every add: they ascend unless given otherwise
+            self._sorted = bool(len(self.ids) < 2 or (self.ids[1:] > self.ids[:-1]).all())
+        if self._sorted:
+            return np.searchsorted(self.ids, int_ids)
+        order = np.argsort(self.ids, kind="stable")
+        return order[np.searchsorted(self.ids, int_ids, sorter=order)]
 
     def search(self, queries: np.ndarray, k: int, subset: np.ndarray | None = None):
         """Return (scores, distances, int_ids), each [n_queries, k'], most similar first.
@@ -315,10 +519,94 @@ class VectorIndex:
             distances, ids = self._exact(queries, kk, np.isin(self.ids, subset))
         elif exact and self.spec.kind != "flat":
             distances, ids = self._exact(queries, kk, None)
+        elif self.spec.params.get("rerank"):
+            distances, ids = self._reranked(queries, kk, subset)
         else:
             distances, ids = self.index.search(queries, kk, params=self._params(subset))
         values, ids = self._drop_missing(distances, ids)
         return self.scores(values), self.distances(values), ids
+
+    def _reranked(self, queries: np.ndarray, k: int, subset: np.ndarray | None):
+        """FAISS finds rerank*k candidates; their stored vectors rank them exactly."""
+        wanted = min(len(self.ids), k * int(self.spec.params["rerank"]))
+        _, candidates = self.index.search(queries, wanted, params=self._params(subset))
+        found = candidates >= 0
+        vectors = self.vectors[self._positions(np.where(found, candidates, self.ids[0]).ravel())]
+        vectors = vectors.reshape(*candidates.shape, self.dim)
+        if self.spec.metric == "l2":
+            values = ((vectors - queries[:, None, :]) ** 2).sum(axis=2)
+            values[~found] = np.inf
+            order = np.argsort(values, axis=1, kind="stable")[:, :k]
+        else:
+            values = np.einsum("qcd,qd->qc", vectors, queries)
+            values[~found] = -np.inf
+            order = np.argsort(-values, axis=1, kind="stable")[:, :k]
+        ids = np.where(np.take_along_axis(found, order, 1), np.take_along_axis(candidates, order, 1), -1)
+        return np.take_along_axis(values, order, 1).astype(np.float32), ids
+
+    # --- measuring -----------------------------------------------------------------------
+
+    def recall(self, queries: int = RECALL_QUERIES, k: int = RECALL_K, seed: int = 0) -> float:
+        """Recall@k of this index's search against exact search, with ``queries`` catalog items
+        (evenly drawn) as queries, each held aside from its own results."""
+        sample = self._sample(queries, seed)
+        return self._recall(sample, self._truth(sample, k), k)
+
+    def tune(self, target: float = TARGET_RECALL, queries: int = RECALL_QUERIES, seed: int = 0) -> dict:
+        """Raise the search parameter (nprobe, efSearch) until recall@10 on held-aside catalog
+        items reaches ``target``, keep the smallest that does (or the largest tried), and record
+        what was measured in ``spec.measured``."""
+        kind, p = self.spec.kind, self.spec.params
+        k = min(RECALL_K, len(self) - 1)
+        if kind == "flat" or k < 1:
+            self.spec = replace(self.spec, measured={"recall_at_10": 1.0, "queries": 0, "note": "exact search"})
+            return self.spec.measured
+        sample = self._sample(queries, seed)
+        truth = self._truth(sample, k)
+        if kind == "hnsw":
+            name, ladder = "ef_search", [ef for ef in (16, 32, 64, 128, 256, 512) if ef >= k + 1]
+        else:
+            name, ladder = "nprobe", [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if n <= int(p["nlist"])]
+        tried: dict[str, float] = {}
+        for value in ladder:
+            p[name] = value
+            tried[str(value)] = round(self._recall(sample, truth, k), 4)
+            if tried[str(value)] >= target:
+                break
+        got = tried[str(p[name])]
+        verdict = "reaches" if got >= target else f"is the best tried, short of the target {target}:"
+        self.spec = replace(
+            self.spec, measured={"recall_at_10": got, "queries": len(sample), "target": target, name: tried},
+            chosen_because=f"{self.spec.chosen_because}; {name} {p[name]} {verdict} recall@{k} {got:.3f} "
+                           f"on {len(sample)} held-aside items",
+        )
+        return self.spec.measured
+
+    def _sample(self, queries: int, seed: int) -> np.ndarray:
+        n = len(self)
+        return np.sort(np.random.default_rng(seed).choice(n, size=min(queries, n), replace=False))
+
+    def _truth(self, sample: np.ndarray, k: int) -> np.ndarray:
+        queries = np.ascontiguousarray(self.vectors[sample])
+        _, ids = self._exact(queries, k + 1, None)  # whitened: in the whitened space, which is what is searched
+        return self._without_self(ids, self.ids[sample], k)
+
+    def _recall(self, sample: np.ndarray, truth: np.ndarray, k: int) -> float:
+        faiss.omp_set_num_threads(OMP_THREADS)
+        queries = np.ascontiguousarray(self.vectors[sample])
+        if self.spec.params.get("rerank"):
+            _, found = self._reranked(queries, k + 1, None)
+        else:
+            _, found = self.index.search(queries, k + 1, params=self._params(None))
+        found = self._without_self(found, self.ids[sample], k)
+        hits = (found[:, :, None] == truth[:, None, :]) & (truth[:, None, :] >= 0)
+        return float(hits.any(axis=2).sum() / max(1, (truth >= 0).sum()))
+
+    @staticmethod
+    def _without_self(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+        """The first k ids of each row other than the row's own item."""
+        order = np.argsort(ids == own[:, None], axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(ids, order, 1)
 
     def _params(self, subset: np.ndarray | None):
         p = self.spec.params
@@ -337,9 +625,9 @@ class VectorIndex:
 
     def _exact(self, queries: np.ndarray, k: int, mask: np.ndarray | None):
         vectors, ids = (self.vectors, self.ids) if mask is None else (self.vectors[mask], self.ids[mask])
-        flat = faiss.IndexFlat(self.whiten or self.dim, _faiss_metric(self.spec.metric))
-        flat.add(self._transform(np.ascontiguousarray(vectors)))
-        distances, positions = flat.search(self._transform(queries), min(k, len(ids)))
+        # straight from the (maybe memory-mapped) vectors: no copy of them into a flat index
+        distances, positions = faiss.knn(self._transform(queries), self._transform(np.ascontiguousarray(vectors)),
+                                         min(k, len(ids)), metric=_faiss_metric(self.spec.metric))
         return distances, np.where(positions >= 0, ids[np.maximum(positions, 0)], -1)
 
     @staticmethod
@@ -371,16 +659,20 @@ class VectorIndex:
 
     @classmethod
     def load(cls, spec: IndexSpec, dim: int, vectors: np.ndarray, ids: np.ndarray, faiss_path: str | None):
-        """Open from stored vectors and ids; the FAISS file is used if it matches, else rebuilt."""
-        index = None
+        """Open from stored vectors and ids; the FAISS file is used (memory-mapped) if it matches,
+        else rebuilt."""
+        index, mapped = None, False
         if faiss_path is not None:
-            try:
-                index = faiss.read_index(faiss_path)
-                if index.ntotal != len(ids) or index.d != dim:
-                    index = None
-            except RuntimeError:
-                index = None
-        return cls(spec, dim, vectors, ids, index), index is not None
+            for flags in (faiss.IO_FLAG_MMAP_IFC, 0):  # a structure FAISS cannot map is read
+                try:
+                    index = faiss.read_index(faiss_path, flags)
+                except RuntimeError:
+                    continue
+                mapped = flags != 0
+                break
+            if index is not None and (index.ntotal != len(ids) or index.d != dim):
+                index, mapped = None, False
+        return cls(spec, dim, vectors, ids, index, mapped=mapped), index is not None
 
     def with_spec(self, spec: IndexSpec) -> "VectorIndex":
-        return VectorIndex(replace(spec), self.dim, self.vectors, self.ids)
+        return VectorIndex(replace(spec, params=dict(spec.params), measured=dict(spec.measured)), self.dim, self.vectors, self.ids)

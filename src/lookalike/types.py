@@ -120,6 +120,7 @@ class IndexSpec:
     metric: str = "cosine"  # cosine | l2 | ip
     params: dict[str, Any] = field(default_factory=dict)
     chosen_because: str = ""
+    measured: dict[str, Any] = field(default_factory=dict)  # e.g. recall@10 against exact search (kind auto)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -127,4 +128,5 @@ class IndexSpec:
             "metric": self.metric,
             "params": dict(self.params),
             "chosen_because": self.chosen_because,
+            "measured": dict(self.measured),
         }
