@@ -1,4 +1,4 @@
-"""The vector index: FAISS flat | hnsw | ivf | ivfpq over int ids, with exact fallbacks and filters.
+"""The vector index: FAISS flat | hnsw | ivf | ivfsq8 | ivfpq over int ids, with exact fallbacks and filters.
 
 The index keeps the vectors it holds (as indexed: L2-normalised for ``cosine``) beside the
 FAISS structure, so the FAISS file is only a cache: removal from HNSW, exact search when ``k``
@@ -11,8 +11,8 @@ vectors stay the model's, and the index searches D-dimensional whitened vectors.
 FAISS file from the vectors learns it again from the items the index then holds.
 
 Kind ``auto`` chooses from the catalog size and a memory budget (``plan_for_memory``): exact
-search up to EXACT_MAX items, then HNSW or IVF-Flat while the vectors fit, then IVF-PQ over
-PCA-reduced vectors whose candidates are ranked again exactly from the stored vectors (read from
+search up to EXACT_MAX items, then HNSW or IVF-Flat while the vectors fit, then IVF-SQ8 while
+their 8-bit codes do, then IVF-PQ over PCA-reduced vectors whose candidates are ranked again exactly from the stored vectors (read from
 the memory-mapped vectors file, which is not counted in the budget). Its search parameters are
 then tuned on held-aside catalog items until recall@10 against exact search reaches
 TARGET_RECALL, and the recall measured is kept in the spec.
@@ -43,7 +43,8 @@ from .types import IndexSpec
 OMP_THREADS = faiss.omp_get_max_threads()  # FAISS's own default: one per core
 FEW_QUERIES = 8  # searches of fewer queries run on one thread
 
-KINDS = ("flat", "hnsw", "ivf", "ivfpq")
+KINDS = ("flat", "hnsw", "ivf", "ivfsq8", "ivfpq")
+IVF_KINDS = ("ivf", "ivfsq8", "ivfpq")  # trained: coarse lists, and codes for the last two
 AUTO = "auto"  # a kind chosen by plan_for_memory
 METRICS = ("cosine", "l2", "ip")
 
@@ -64,8 +65,9 @@ EXACT_MAX = 50_000  # up to this many items: exact search, if it fits
 HNSW_MAX = 200_000  # up to this many: HNSW, if it fits (its build time grows fastest); then IVF-Flat
 PQ_PCA_DIM = 256  # IVF-PQ searches vectors PCA-reduced to this many dimensions (cosine and l2)
 PQ_RERANK = 10  # IVF-PQ fetches this many candidates per result and ranks them exactly
-TARGET_RECALL = 0.95  # search parameters are raised until recall@10 reaches this ...
-RECALL_QUERIES = 500  # ... measured with this many held-aside catalog items as queries
+TARGET_RECALL = 0.95  # the recall@10 queries should see ...
+TUNE_MARGIN = 0.02  # ... so search parameters are raised until held-aside catalog items see this much more
+RECALL_QUERIES = 500  # (measured with this many of them as queries)
 RECALL_K = 10
 
 
@@ -150,6 +152,8 @@ def _plan_kind(kind: str, metric: str, n: int, dim: int) -> IndexSpec:
     nprobe = min(nlist, max(8, nlist // 8))
     params = {"nlist": nlist, "nprobe": nprobe}
     why = f"{n} items: {nlist} lists (about 4*sqrt(n), >= {POINTS_PER_CENTROID} items each), nprobe {nprobe}"
+    if kind == "ivfsq8":
+        why += f"; vectors as 8-bit scalar codes ({dim} bytes a vector)"
     if kind == "ivfpq":
         # 8-bit codes (256 centroids per sub-quantizer: MIN_ITEMS_IVF vectors are enough to train
         # them), and up to 64 sub-quantizers of at least 2 dimensions each.
@@ -193,6 +197,8 @@ def memory_bytes(kind: str, params: dict, n: int, dim: int) -> int:
     centroids = 4 * d * int(params["nlist"])
     if kind == "ivf":
         return 4 * d * n + ids + centroids + pretransform
+    if kind == "ivfsq8":
+        return d * n + ids + centroids + pretransform + 8 * d  # a byte a dimension, and each one's range
     if kind == "ivfpq":
         codebooks = 4 * 256 * d
         return int(params["m"]) * n + ids + centroids + codebooks + pretransform
@@ -203,7 +209,7 @@ def plan_for_memory(metric: str, n: int, dim: int, max_memory: "int | str") -> I
     """Choose the kind and its parameters from the catalog size and a memory budget.
 
     Exact search up to EXACT_MAX items; then HNSW (up to HNSW_MAX items) or IVF-Flat while the
-    vectors fit; then IVF-PQ over vectors PCA-reduced to PQ_PCA_DIM dimensions, with the most
+    vectors fit; then IVF-SQ8 (a byte a dimension) while those codes fit; then IVF-PQ over vectors PCA-reduced to PQ_PCA_DIM dimensions, with the most
     bytes a code that fit, and exact re-ranking of PQ_RERANK candidates per result.
     """
     check_spec("flat", metric)
@@ -233,6 +239,10 @@ def plan_for_memory(metric: str, n: int, dim: int, max_memory: "int | str") -> I
         elif fits(ivf):
             spec = replace(ivf, chosen_because=f"the vectors fit: IVF-Flat, {ivf.chosen_because}, "
                                                f"{size(memory_bytes('ivf', ivf.params, n, dim))} {of}")
+        elif fits(sq8 := _plan_kind("ivfsq8", metric, n, dim)):
+            spec = replace(sq8, chosen_because=f"the vectors ({size(memory_bytes('flat', {}, n, dim))}) do not fit, "
+                                               f"their 8-bit codes do: IVF-SQ8, {sq8.chosen_because}, "
+                                               f"{size(memory_bytes('ivfsq8', sq8.params, n, dim))} {of}")
         else:
             spec = _plan_pq(metric, n, dim, budget)
             if spec is None:
@@ -310,7 +320,7 @@ class VectorIndex:
             spec = plan_for_memory(metric, len(vectors), vectors.shape[1], max_memory)
         else:
             spec = plan(kind, metric, len(vectors), vectors.shape[1], whiten)
-        if spec.kind in ("ivf", "ivfpq") or spec.params.get("whiten"):
+        if spec.kind in IVF_KINDS or spec.params.get("whiten"):
             spec.params["trained_on"] = len(vectors)  # add() keeps what was learned; reindex() learns again
         built = cls(spec, vectors.shape[1], vectors, ids)
         if kind == AUTO:
@@ -339,7 +349,7 @@ class VectorIndex:
         that fell back to exact search while the catalog was too small says so in its reason."""
         if "max_memory" in self.spec.params:
             return AUTO
-        for kind in ("ivfpq", "ivf"):
+        for kind in IVF_KINDS:
             if self.spec.kind == "flat" and self.spec.chosen_because.startswith(f"{kind} asked for"):
                 return kind
         return self.spec.kind
@@ -395,6 +405,8 @@ class VectorIndex:
         quantizer = faiss.IndexFlat(d, metric)
         if kind == "ivf":
             index = faiss.IndexIVFFlat(quantizer, d, int(p["nlist"]), metric)
+        elif kind == "ivfsq8":
+            index = faiss.IndexIVFScalarQuantizer(quantizer, d, int(p["nlist"]), faiss.ScalarQuantizer.QT_8bit, metric)
         else:
             index = faiss.IndexIVFPQ(quantizer, d, int(p["nlist"]), int(p["m"]), int(p["nbits"]), metric)
             index.pq.cp.min_points_per_centroid = 1  # small catalogs are expected: no stderr warning
@@ -436,7 +448,7 @@ class VectorIndex:
 
     def _build(self):
         index = self._empty()
-        if self.spec.kind in ("ivf", "ivfpq") or self.whiten or self.pca:
+        if self.spec.kind in IVF_KINDS or self.whiten or self.pca:
             if len(self.vectors) == 0:
                 raise IndexError_(f"an {self.spec.kind} index needs vectors to train on")
             train = self.vectors
@@ -552,10 +564,12 @@ class VectorIndex:
         sample = self._sample(queries, seed)
         return self._recall(sample, self._truth(sample, k), k)
 
-    def tune(self, target: float = TARGET_RECALL, queries: int = RECALL_QUERIES, seed: int = 0) -> dict:
+    def tune(self, target: float = TARGET_RECALL + TUNE_MARGIN, queries: int = RECALL_QUERIES, seed: int = 0) -> dict:
         """Raise the search parameter (nprobe, efSearch) until recall@10 on held-aside catalog
         items reaches ``target``, keep the smallest that does (or the largest tried), and record
-        what was measured in ``spec.measured``."""
+        what was measured in ``spec.measured``. The margin over TARGET_RECALL is for queries less
+        like the catalog than its own items (at 1M vectors, the first nprobe past 0.95 on held-aside
+        items gave fresh queries 0.959: too close to the edge)."""
         kind, p = self.spec.kind, self.spec.params
         k = min(RECALL_K, len(self) - 1)
         if kind == "flat" or k < 1:
@@ -612,7 +626,7 @@ class VectorIndex:
         p = self.spec.params
         selector = faiss.IDSelectorBatch(np.asarray(subset, dtype=np.int64)) if subset is not None else None
         kind = self.spec.kind
-        if kind in ("ivf", "ivfpq"):
+        if kind in IVF_KINDS:
             params = faiss.SearchParametersIVF(nprobe=int(p["nprobe"]))
         elif kind == "hnsw":
             params = faiss.SearchParametersHNSW(efSearch=int(p["ef_search"]))

@@ -116,7 +116,7 @@ class ModelSpec:
 class IndexSpec:
     """How vectors are indexed: the FAISS kind, the metric, and the kind's parameters."""
 
-    kind: str = "flat"  # flat | hnsw | ivf | ivfpq
+    kind: str = "flat"  # flat | hnsw | ivf | ivfsq8 | ivfpq
     metric: str = "cosine"  # cosine | l2 | ip
     params: dict[str, Any] = field(default_factory=dict)
     chosen_because: str = ""
