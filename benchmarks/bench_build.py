@@ -35,7 +35,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lookalike.runtimes import cpu_name  # noqa: E402
 from cpu_usage import Timer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,17 +157,6 @@ def time_model(featurizer, pixels: list[np.ndarray]) -> dict:
 # --- reporting -----------------------------------------------------------------------------
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _rates(n: int, seconds: list[float]) -> dict:
     rates = [n / s for s in seconds]
     return {"best": max(rates), "median": statistics.median(rates), "all": rates}
@@ -217,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(p).read_bytes()
 
         say(f"lookalike build benchmark: {n} images from {catalog}")
-        say(f"machine: {cpu_count()} cores, {_cpu_name()}; "
+        say(f"machine: {cpu_count()} cores, {cpu_name()}; "
             f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, model {MODEL}")
         say(f"ONNX export cache: {os.environ['LOOKALIKE_CACHE']}")
         warm = warm_up(items, work)

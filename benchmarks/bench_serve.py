@@ -35,7 +35,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -51,6 +50,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lookalike.runtimes import cpu_name  # noqa: E402
 from cpu_usage import HZ, machine_busy, own_cpu  # noqa: E402
 from live_service import Service  # noqa: E402
 
@@ -273,17 +273,6 @@ def camera(index: Path, video: Path, shown: list[str]) -> dict:
 # --- reporting ---------------------------------------------------------------------------------
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _settle() -> None:
     time.sleep(0.5)
 
@@ -320,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="lookalike-bench-serve-") as tmp:
         work = Path(tmp)
-        say(f"lookalike serve benchmark: machine {cpu_count()} cores, {_cpu_name()}")
+        say(f"lookalike serve benchmark: machine {cpu_count()} cores, {cpu_name()}")
         t0 = time.perf_counter()
         vs = VisualSearch.build(SAMPLE / "catalog.csv", work / "index")
         say(f"index: the sample catalog, {len(vs)} items, built in {time.perf_counter() - t0:.1f} s")
@@ -390,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     passes["all"] = all(passes.values())
     result = {
-        "cores": cpu_count(), "cpu": _cpu_name(), "seconds_per_phase": args.seconds, "workers": args.workers,
+        "cores": cpu_count(), "cpu": cpu_name(), "seconds_per_phase": args.seconds, "workers": args.workers,
         "query": {"bytes": len(jpeg), "size": list(VIDEO_SIZE), "quality": 90, "item": QUERY_ITEM, "top_hit": top},
         "in_process": {"jpeg": base_jpeg, "frame": base_frame},
         "http": phases, "camera": cam,

@@ -161,7 +161,7 @@ def run_row(name: str, kind: str, budget: str | None, vectors: np.ndarray, queri
 def _estimate(spec: dict, n: int, dim: int) -> int:
     from lookalike.index import memory_bytes
 
-    return memory_bytes(spec["kind"], spec["params"], n, dim)
+    return memory_bytes(spec["kind"], spec["params"], n, dim, spec["metric"])
 
 
 def main() -> int:

@@ -183,7 +183,7 @@ def parse_size(size: "int | str") -> int:
     return int(value * _UNITS[unit])
 
 
-def memory_bytes(kind: str, params: dict, n: int, dim: int) -> int:
+def memory_bytes(kind: str, params: dict, n: int, dim: int, metric: str = "cosine") -> int:
     """About how much memory the FAISS structure of this kind takes for ``n`` vectors (the
     stored vectors file, memory-mapped and read only for exact re-ranking, is not counted)."""
     ids = 8 * n  # int64 ids (an IDMap, or the inverted lists' ids)
@@ -201,7 +201,9 @@ def memory_bytes(kind: str, params: dict, n: int, dim: int) -> int:
         return d * n + ids + centroids + pretransform + 8 * d  # a byte a dimension, and each one's range
     if kind == "ivfpq":
         codebooks = 4 * 256 * d
-        return int(params["m"]) * n + ids + centroids + codebooks + pretransform
+        # L2 search (as every PCA-reduced one is) precomputes a table of nlist * m * 256 floats
+        tables = 4 * int(params["nlist"]) * int(params["m"]) * 256 if params.get("pca") or metric == "l2" else 0
+        return int(params["m"]) * n + ids + centroids + codebooks + pretransform + tables
     raise IndexError_(f"unknown index kind {kind!r}", subject=kind)
 
 
@@ -221,36 +223,36 @@ def plan_for_memory(metric: str, n: int, dim: int, max_memory: "int | str") -> I
         return f"{b / 2**20:,.0f} MB" if b < 2**30 else f"{b / 2**30:,.2f} GB"
 
     def fits(spec: IndexSpec) -> bool:
-        return memory_bytes(spec.kind, spec.params, n, dim) <= budget
+        return memory_bytes(spec.kind, spec.params, n, dim, metric) <= budget
 
     of = f"of the {size(budget)} budget"
     flat = IndexSpec("flat", metric, {}, "")
     if n <= EXACT_MAX and fits(flat):
         spec = replace(flat, chosen_because=f"{n} items (<= {EXACT_MAX:,}): exact search, "
-                                            f"{size(memory_bytes('flat', {}, n, dim))} {of}")
+                                            f"{size(memory_bytes('flat', {}, n, dim, metric))} {of}")
     elif n < MIN_ITEMS_IVF:
-        raise IndexError_(f"{n} vectors of dimension {dim} need {size(memory_bytes('flat', {}, n, dim))} for exact "
+        raise IndexError_(f"{n} vectors of dimension {dim} need {size(memory_bytes('flat', {}, n, dim, metric))} for exact "
                           f"search; --max-memory {size(budget)} is too small", subject=str(max_memory))
     else:
         hnsw, ivf = _plan_kind("hnsw", metric, n, dim), _plan_kind("ivf", metric, n, dim)
         if n <= HNSW_MAX and fits(hnsw):
             spec = replace(hnsw, chosen_because=f"{n:,} items (<= {HNSW_MAX:,}), the graph fits: HNSW, M={HNSW_M}, "
-                                                f"{size(memory_bytes('hnsw', hnsw.params, n, dim))} {of}")
+                                                f"{size(memory_bytes('hnsw', hnsw.params, n, dim, metric))} {of}")
         elif fits(ivf):
-            spec = replace(ivf, chosen_because=f"the vectors fit: IVF-Flat, {ivf.chosen_because}, "
-                                               f"{size(memory_bytes('ivf', ivf.params, n, dim))} {of}")
+            spec = replace(ivf, chosen_because=f"the vectors fit: IVF-Flat, {ivf.params['nlist']} lists, "
+                                               f"{size(memory_bytes('ivf', ivf.params, n, dim, metric))} {of}")
         elif fits(sq8 := _plan_kind("ivfsq8", metric, n, dim)):
-            spec = replace(sq8, chosen_because=f"the vectors ({size(memory_bytes('flat', {}, n, dim))}) do not fit, "
-                                               f"their 8-bit codes do: IVF-SQ8, {sq8.chosen_because}, "
-                                               f"{size(memory_bytes('ivfsq8', sq8.params, n, dim))} {of}")
+            spec = replace(sq8, chosen_because=f"the vectors ({size(memory_bytes('flat', {}, n, dim, metric))}) do not fit, "
+                                               f"their 8-bit codes do: IVF-SQ8, {sq8.params['nlist']} lists, "
+                                               f"{size(memory_bytes('ivfsq8', sq8.params, n, dim, metric))} {of}")
         else:
             spec = _plan_pq(metric, n, dim, budget)
             if spec is None:
                 smallest = memory_bytes("ivfpq", {"nlist": 1, "m": 4, "pca": min(dim, PQ_PCA_DIM)}, n, dim)
                 raise IndexError_(f"{n:,} vectors of dimension {dim} need at least {size(smallest)} even as 4-byte "
                                   f"PQ codes; --max-memory {size(budget)} is too small", subject=str(max_memory))
-            spec = replace(spec, chosen_because=f"the vectors ({size(memory_bytes('flat', {}, n, dim))}) do not fit: "
-                                                f"{spec.chosen_because}, {size(memory_bytes('ivfpq', spec.params, n, dim))} {of}")
+            spec = replace(spec, chosen_because=f"the vectors ({size(memory_bytes('flat', {}, n, dim, metric))}) do not fit: "
+                                                f"{spec.chosen_because}, {size(memory_bytes('ivfpq', spec.params, n, dim, metric))} {of}")
     spec.params["max_memory"] = budget
     return spec
 
@@ -264,7 +266,7 @@ def _plan_pq(metric: str, n: int, dim: int, budget: int) -> IndexSpec | None:
         if d % m or m > d:
             continue
         params = {**base.params, "m": m, "nbits": 8, "rerank": PQ_RERANK, **({"pca": d} if reduce else {})}
-        if memory_bytes("ivfpq", params, n, dim) <= budget:
+        if memory_bytes("ivfpq", params, n, dim, metric) <= budget:
             why = (f"IVF-PQ{f' over {d} PCA dimensions' if reduce else ''}, {base.params['nlist']} lists, "
                    f"{m}-byte codes, the best {PQ_RERANK} candidates a result ranked again exactly")
             return IndexSpec("ivfpq", metric, params, why)
@@ -384,7 +386,7 @@ class VectorIndex:
     @property
     def memory_bytes(self) -> int:
         """About how much memory the FAISS structure takes (see ``memory_bytes``)."""
-        return memory_bytes(self.spec.kind, self.spec.params, len(self), self.dim)
+        return memory_bytes(self.spec.kind, self.spec.params, len(self), self.dim, self.spec.metric)
 
     def __len__(self) -> int:
         return len(self.ids)
