@@ -71,6 +71,7 @@ class BuildCheckpoint:
             meta = {"fingerprint": fingerprint, "shard_items": SHARD_ITEMS}
             self._write(meta_path, json.dumps(meta).encode())
         except OSError as exc:
+            self.discard()
             raise StoreError(f"{self.path}: cannot write the build's shards ({exc.strerror or exc})",
                              subject=str(self.path)) from exc
         return meta

@@ -202,45 +202,49 @@ class VisualSearch:
         options = {"model": asdict(spec), "weights": resolved.sha256, "device": device, "precision": precision,
                    "batch_size": batch_size, "strict": strict, "policy": asdict(policy)}
         meta = checkpoint.start(fingerprint(items, options), resume)
-        model_file, calibrated = None, 0
-        if precision == "int8" and device == "cpu":
-            model_file = checkpoint.path / INT8_MODEL
-            if not (resume and "calibrated" in meta and model_file.exists()):  # resumed: the model it began with
-                spread = np.unique(np.linspace(0, len(items) - 1, min(len(items), INT8_CALIBRATION)).round().astype(int))
-                partial = model_file.with_name(model_file.name + ".tmp")  # whole, or not there
-                meta["calibrated"] = make_int8_model(spec, resolved, [items[i].image for i in spread], partial, policy)
-                os.replace(partial, model_file)
-            calibrated = int(meta.get("calibrated", 0))
-        featurizer = Featurizer(spec, resolved, device=device, batch_size=batch_size, policy=policy,
-                                runtime=meta.get("runtime", runtime), precision=meta.get("precision", precision),
-                                model_file=model_file)
-        checkpoint.update(meta, runtime=featurizer.runtime, precision=featurizer.precision)
-        if index == "auto":  # a budget nothing fits in fails now, not after featurizing
-            plan_for_memory(metric, len(items), featurizer.dim, max_memory)
-        vectors, kept, report = _featurize_in_shards(featurizer, items, strict, _progress(progress), checkpoint)
-        if not kept:
-            raise CatalogError(f"{_name(catalog)}: none of its {len(items)} images could be read", subject=_name(catalog))
-        vectors = prepare(vectors, metric)
-        int_ids = np.arange(1, len(kept) + 1, dtype=np.int64)
-        local = _local_blobs(kept, int_ids, policy, _progress(progress)) if local_features else None
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", IndexWarning)
-            vindex = VectorIndex.create(index, metric, vectors, int_ids, whiten=whiten, max_memory=max_memory)
-        report.warnings.extend(str(w.message) for w in caught)
-        manifest = {
-            "lookalike_version": __version__,
-            "model": _model_entry(spec, resolved, featurizer, model_file, calibrated),
-            "metric": metric,
-            "index": vindex.spec.to_dict(),
-            "next_int_id": int(int_ids[-1]) + 1 if len(int_ids) else 1,
-            "source": _name(catalog),
-        }
-        if local_features:
-            manifest["local_features"] = LOCAL_ENTRY
-        IndexDir.create(
-            path, manifest, list(zip(int_ids.tolist(), kept)), vindex.vectors, vindex.ids, vindex.write_faiss,
-            overwrite=force, local=local, model_files={model_file.name: model_file} if model_file else None,
-        )
+        try:
+            model_file, calibrated = None, 0
+            if precision == "int8" and device == "cpu":
+                model_file = checkpoint.path / INT8_MODEL
+                if not (resume and "calibrated" in meta and model_file.exists()):  # resumed: the model it began with
+                    spread = np.unique(np.linspace(0, len(items) - 1, min(len(items), INT8_CALIBRATION)).round().astype(int))
+                    partial = model_file.with_name(model_file.name + ".tmp")  # whole, or not there
+                    meta["calibrated"] = make_int8_model(spec, resolved, [items[i].image for i in spread], partial, policy)
+                    os.replace(partial, model_file)
+                calibrated = int(meta.get("calibrated", 0))
+            featurizer = Featurizer(spec, resolved, device=device, batch_size=batch_size, policy=policy,
+                                    runtime=meta.get("runtime", runtime), precision=meta.get("precision", precision),
+                                    model_file=model_file)
+            checkpoint.update(meta, runtime=featurizer.runtime, precision=featurizer.precision)
+            if index == "auto":  # a budget nothing fits in fails now, not after featurizing
+                plan_for_memory(metric, len(items), featurizer.dim, max_memory)
+            vectors, kept, report = _featurize_in_shards(featurizer, items, strict, _progress(progress), checkpoint)
+            if not kept:
+                raise CatalogError(f"{_name(catalog)}: none of its {len(items)} images could be read", subject=_name(catalog))
+            vectors = prepare(vectors, metric)
+            int_ids = np.arange(1, len(kept) + 1, dtype=np.int64)
+            local = _local_blobs(kept, int_ids, policy, _progress(progress)) if local_features else None
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", IndexWarning)
+                vindex = VectorIndex.create(index, metric, vectors, int_ids, whiten=whiten, max_memory=max_memory)
+            report.warnings.extend(str(w.message) for w in caught)
+            manifest = {
+                "lookalike_version": __version__,
+                "model": _model_entry(spec, resolved, featurizer, model_file, calibrated),
+                "metric": metric,
+                "index": vindex.spec.to_dict(),
+                "next_int_id": int(int_ids[-1]) + 1 if len(int_ids) else 1,
+                "source": _name(catalog),
+            }
+            if local_features:
+                manifest["local_features"] = LOCAL_ENTRY
+            IndexDir.create(
+                path, manifest, list(zip(int_ids.tolist(), kept)), vindex.vectors, vindex.ids, vindex.write_faiss,
+                overwrite=force, local=local, model_files={model_file.name: model_file} if model_file else None,
+            )
+        except StoreError:  # a full disk, most often: the shards would only take more of it
+            checkpoint.discard()
+            raise
         checkpoint.discard()  # the index holds it all now
         report.indexed = len(kept)
         report.seconds = time.perf_counter() - start
