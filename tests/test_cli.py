@@ -102,6 +102,20 @@ def test_a_killed_build_resumes_where_it_stopped_and_gives_the_same_index(tmp_pa
         {k: v for k, v in part_info.items() if k not in ("path", "created_at", "updated_at", "size_bytes")}
 
 
+def test_a_damaged_shard_is_featurized_again_not_trusted(tmp_path):
+    from lookalike.checkpoint import BuildCheckpoint
+
+    checkpoint = BuildCheckpoint(tmp_path / "idx")
+    checkpoint.start("abc", resume=False)
+    checkpoint.save(0, np.ones((2, 4), np.float32), [0, 2], [(1, "ImageCorruptError: x")])
+    vectors, ok, skipped = checkpoint.load(0)
+    assert vectors.shape == (2, 4) and ok == [0, 2] and skipped == [(1, "ImageCorruptError: x")]
+    shard = checkpoint.path / "shard-000000.npz"
+    shard.write_bytes(shard.read_bytes()[:100])  # a disk that lost its tail
+    assert checkpoint.load(0) is None and checkpoint.done() == [0]
+    assert checkpoint.start("abc", resume=True)["fingerprint"] == "abc"
+
+
 def test_add_remove_classify_from_the_command_line(tmp_path, sample_index):
     out = tmp_path / "idx"
     shutil.copytree(sample_index, out)

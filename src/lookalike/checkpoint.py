@@ -20,6 +20,7 @@ import io
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +100,14 @@ class BuildCheckpoint:
         except OSError as exc:
             raise StoreError(f"{self.path}: cannot write shard {number} ({exc.strerror or exc})", subject=str(self.path)) from exc
 
-    def load(self, number: int) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
-        with np.load(self.path / f"shard-{number:06d}.npz", allow_pickle=False) as shard:
-            skipped = [(int(i), str(r)) for i, r in json.loads(str(shard["skipped"]))]
-            return shard["vectors"], shard["ok"].tolist(), skipped
+    def load(self, number: int) -> tuple[np.ndarray, list[int], list[tuple[int, str]]] | None:
+        """Shard ``number`` as saved, or None if it cannot be read (its items are featurized again)."""
+        try:
+            with np.load(self.path / f"shard-{number:06d}.npz", allow_pickle=False) as shard:
+                skipped = [(int(i), str(r)) for i, r in json.loads(str(shard["skipped"]))]
+                return shard["vectors"], shard["ok"].tolist(), skipped
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            return None
 
     def model_file(self, name: str) -> Path:
         return self.path / name

@@ -911,8 +911,9 @@ def _featurize_in_shards(featurizer: Featurizer, items: list[Item], strict: bool
     try:
         for number, lo in enumerate(range(0, len(items), SHARD_ITEMS)):
             hi = min(len(items), lo + SHARD_ITEMS)
-            if number in have:
-                shard_vectors, shard_ok, shard_skipped = checkpoint.load(number)
+            saved = checkpoint.load(number) if number in have else None
+            if saved is not None:
+                shard_vectors, shard_ok, shard_skipped = saved
                 resumed += hi - lo
                 if bar is not None:
                     bar.update(hi - lo)
