@@ -200,7 +200,7 @@ class VisualSearch:
             check_choice(runtime, precision)
         checkpoint = BuildCheckpoint(path)
         options = {"model": asdict(spec), "weights": resolved.sha256, "device": device, "precision": precision,
-                   "batch_size": batch_size, "strict": strict, "policy": asdict(policy)}
+                   "runtime": runtime, "batch_size": batch_size, "strict": strict, "policy": asdict(policy)}
         meta = checkpoint.start(fingerprint(items, options), resume)
         try:
             model_file, calibrated = None, 0
