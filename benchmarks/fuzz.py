@@ -1178,16 +1178,18 @@ class _Memory:
             os.write(self.clear, b"5")
 
 
-def _worker(conn, progress, targets: dict, seed: int, workdir: str, max_growth_mb: float) -> None:
+def _worker(conn, progress, targets: dict, seed: int, workdir: str, max_growth_mb: float, stack_after: float) -> None:
     """Run the chunks the parent sends; report each failure at once and a summary per chunk."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.makedirs(workdir, exist_ok=True)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)  # libtiff and libjpeg print their complaints to fd 2: thousands of lines
     work = Path(workdir)
-    # on SIGUSR1 the Python stack goes to a file the parent reads when it kills a hung case
+    # A case still running after stack_after seconds has its Python stack written (by faulthandler's
+    # watchdog thread) to a file the parent reads if it kills the case as a hang. (A SIGUSR1 from the
+    # parent was tried first: in a worker forked from a test run that had used the engine, the dump
+    # sometimes never came.)
     stacks = open(work / "stack.txt", "w")  # noqa: SIM115 - open for the worker's whole life
-    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     warned: dict[str, int] = {}
 
     def count_warning(message, category, filename, lineno, file=None, line=None):
@@ -1221,6 +1223,10 @@ def _worker(conn, progress, targets: dict, seed: int, workdir: str, max_growth_m
             before = memory.now() if memory.clear is not None else start_rss
             progress[1], progress[2], progress[3] = now, names.index(tname), before  # the start time first: the
             progress[0] = index  # parent reads these without a lock, and an old time with a new index is a hang
+            if os.fstat(stacks.fileno()).st_size:  # a slow case's stack, not a hang's: start afresh
+                os.ftruncate(stacks.fileno(), 0)
+                os.lseek(stacks.fileno(), 0, os.SEEK_SET)
+            faulthandler.dump_traceback_later(stack_after, file=stacks)
             try:
                 case = target.generate(case_rng(seed, tname, index))
                 c0 = time.monotonic()
@@ -1240,6 +1246,7 @@ def _worker(conn, progress, targets: dict, seed: int, workdir: str, max_growth_m
                     "where": _gist(str(exc)) if kind == "invalid" else _where(exc.__traceback__),
                     "traceback": "".join(traceback.format_exception(exc))[-4000:],
                 }))
+            faulthandler.cancel_dump_traceback_later()
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
             done += 1
             peak = memory.peak()
@@ -1278,33 +1285,27 @@ def _rss_mb(pid: int) -> float:
 class _Slot:
     """One worker process and the chunk it is running."""
 
-    def __init__(self, ctx, targets, seed, workdir, max_growth_mb):
+    def __init__(self, ctx, targets, seed, workdir, max_growth_mb, stack_after):
         self.progress = ctx.RawArray("d", 4)  # case number (-1: none), its start time, target, RSS before it
         self.progress[0] = -1
         parent, child = ctx.Pipe()
         self.conn = parent
         self.workdir = workdir
-        self.proc = ctx.Process(target=_worker, args=(child, self.progress, targets, seed, workdir, max_growth_mb), daemon=True)
+        self.proc = ctx.Process(target=_worker, args=(child, self.progress, targets, seed, workdir, max_growth_mb, stack_after), daemon=True)
         self.proc.start()
         child.close()
         self.chunk: tuple | None = None  # (target, start, count, seconds, started)
         self.peak_rss = 0.0
 
     def stack(self) -> str:
-        """The stuck worker's Python stack (faulthandler's dump on SIGUSR1), or "" if none came."""
+        """The stuck worker's Python stack, as its faulthandler watchdog wrote it, or ""."""
         path = Path(self.workdir) / "stack.txt"
-        try:
-            os.kill(self.proc.pid, signal.SIGUSR1)
-        except OSError:
-            return ""
-        size = -1
-        for _ in range(20):  # the dump is written from the signal handler: wait until it stops growing
+        for _ in range(10):  # written before the case timed out; wait a little if it is still coming
+            text = path.read_text(errors="replace") if path.exists() else ""
+            if text:
+                return text
             time.sleep(0.05)
-            now = path.stat().st_size if path.exists() else 0
-            if now and now == size:
-                break
-            size = now
-        return path.read_text(errors="replace") if path.exists() else ""
+        return ""
 
     def kill(self) -> None:
         if self.proc.is_alive():
@@ -1445,7 +1446,7 @@ def run(
         peak_seen[0] = max(peak_seen[0], slot.peak_rss)
         stack = slot.stack() if kind == "hang" else ""
         slot.kill()
-        fresh = _Slot(ctx, tmap, seed, str(run_dir / f"w{time.monotonic_ns()}"), max_growth_mb)
+        fresh = _Slot(ctx, tmap, seed, str(run_dir / f"w{time.monotonic_ns()}"), max_growth_mb, 0.8 * case_timeout)
         if slot.chunk is None:
             return fresh
         n, start, count, chunk_seconds, started = slot.chunk
@@ -1467,7 +1468,7 @@ def run(
             fresh.conn.send(("chunk", n, index + 1, count - done, max(chunk_seconds - (time.monotonic() - started), 0.05) if chunk_seconds else 0.0))
         return fresh
 
-    slots = [_Slot(ctx, tmap, seed, str(run_dir / f"w{i}"), max_growth_mb) for i in range(nworkers)]
+    slots = [_Slot(ctx, tmap, seed, str(run_dir / f"w{i}"), max_growth_mb, 0.8 * case_timeout) for i in range(nworkers)]
     try:
         active = [s for s in slots if next_chunk(s)]
         idle = [s for s in slots if s not in active]
