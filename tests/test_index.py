@@ -220,7 +220,8 @@ def test_the_budget_and_the_catalog_size_choose_the_kind(n, budget, kind):
     assert spec.kind == kind, spec.chosen_because
     assert memory_bytes(spec.kind, spec.params, n, 1280) <= parse_size(budget)
     assert spec.params["max_memory"] == parse_size(budget)
-    assert parse_size(budget) / 2**30 >= 1 and "GB budget" in spec.chosen_because or "MB budget" in spec.chosen_because
+    said = f"{int(budget[:-2]):.2f} GB" if budget.endswith("GB") else f"{budget[:-2]} MB"
+    assert f"of the {said} budget" in spec.chosen_because, spec.chosen_because
     if kind == "ivfpq":  # PCA to 256 dimensions, the longest codes that fit, exact re-ranking
         assert spec.params["pca"] == 256 and spec.params["rerank"] == 10
         longer = dict(spec.params, m=spec.params["m"] * 2)  # codes twice as long (and their tables) would not fit
