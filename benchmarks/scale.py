@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import faiss  # noqa: E402
 
-from lookalike.index import AUTO, VectorIndex, parse_size, prepare  # noqa: E402
+from lookalike.index import AUTO, VectorIndex, memory_bytes, parse_size, prepare  # noqa: E402
 from lookalike.types import IndexSpec  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -159,8 +159,6 @@ def run_row(name: str, kind: str, budget: str | None, vectors: np.ndarray, queri
 
 
 def _estimate(spec: dict, n: int, dim: int) -> int:
-    from lookalike.index import memory_bytes
-
     return memory_bytes(spec["kind"], spec["params"], n, dim, spec["metric"])
 
 

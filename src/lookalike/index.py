@@ -12,10 +12,11 @@ FAISS file from the vectors learns it again from the items the index then holds.
 
 Kind ``auto`` chooses from the catalog size and a memory budget (``plan_for_memory``): exact
 search up to EXACT_MAX items, then HNSW or IVF-Flat while the vectors fit, then IVF-SQ8 while
-their 8-bit codes do, then IVF-PQ over PCA-reduced vectors whose candidates are ranked again exactly from the stored vectors (read from
-the memory-mapped vectors file, which is not counted in the budget). Its search parameters are
-then tuned on held-aside catalog items until recall@10 against exact search reaches
-TARGET_RECALL, and the recall measured is kept in the spec.
+their 8-bit codes do, then IVF-PQ over PCA-reduced vectors whose candidates are ranked again
+exactly from the stored vectors (read from the memory-mapped vectors file, which is not counted
+in the budget). Its search parameters are then tuned on held-aside catalog items until recall@10
+against exact search reaches TARGET_RECALL plus TUNE_MARGIN, and the recall measured is kept in
+the spec.
 
 FAISS files open memory-mapped (``IO_FLAG_MMAP_IFC``): opening is quick and service workers
 share the pages. FAISS aborts the process on a change to a mapped index, so every change goes to
@@ -211,8 +212,9 @@ def plan_for_memory(metric: str, n: int, dim: int, max_memory: "int | str") -> I
     """Choose the kind and its parameters from the catalog size and a memory budget.
 
     Exact search up to EXACT_MAX items; then HNSW (up to HNSW_MAX items) or IVF-Flat while the
-    vectors fit; then IVF-SQ8 (a byte a dimension) while those codes fit; then IVF-PQ over vectors PCA-reduced to PQ_PCA_DIM dimensions, with the most
-    bytes a code that fit, and exact re-ranking of PQ_RERANK candidates per result.
+    vectors fit; then IVF-SQ8 (a byte a dimension) while those codes fit; then IVF-PQ over vectors
+    PCA-reduced to PQ_PCA_DIM dimensions, with the most bytes a code that fit, and exact
+    re-ranking of PQ_RERANK candidates per result.
     """
     check_spec("flat", metric)
     budget = parse_size(max_memory)
@@ -222,37 +224,35 @@ def plan_for_memory(metric: str, n: int, dim: int, max_memory: "int | str") -> I
             return f"{b / 2**10:,.0f} KB"
         return f"{b / 2**20:,.0f} MB" if b < 2**30 else f"{b / 2**30:,.2f} GB"
 
-    def fits(spec: IndexSpec) -> bool:
-        return memory_bytes(spec.kind, spec.params, n, dim, metric) <= budget
+    def need(spec: IndexSpec) -> int:
+        return memory_bytes(spec.kind, spec.params, n, dim, metric)
 
-    of = f"of the {size(budget)} budget"
+    def because(spec: IndexSpec, why: str) -> IndexSpec:
+        return replace(spec, chosen_because=f"{why}, {size(need(spec))} of the {size(budget)} budget")
+
     flat = IndexSpec("flat", metric, {}, "")
-    if n <= EXACT_MAX and fits(flat):
-        spec = replace(flat, chosen_because=f"{n} items (<= {EXACT_MAX:,}): exact search, "
-                                            f"{size(memory_bytes('flat', {}, n, dim, metric))} {of}")
+    vectors = size(need(flat))
+    if n <= EXACT_MAX and need(flat) <= budget:
+        spec = because(flat, f"{n} items (<= {EXACT_MAX:,}): exact search")
     elif n < MIN_ITEMS_IVF:
-        raise IndexError_(f"{n} vectors of dimension {dim} need {size(memory_bytes('flat', {}, n, dim, metric))} for exact "
+        raise IndexError_(f"{n} vectors of dimension {dim} need {vectors} for exact "
                           f"search; --max-memory {size(budget)} is too small", subject=str(max_memory))
     else:
-        hnsw, ivf = _plan_kind("hnsw", metric, n, dim), _plan_kind("ivf", metric, n, dim)
-        if n <= HNSW_MAX and fits(hnsw):
-            spec = replace(hnsw, chosen_because=f"{n:,} items (<= {HNSW_MAX:,}), the graph fits: HNSW, M={HNSW_M}, "
-                                                f"{size(memory_bytes('hnsw', hnsw.params, n, dim, metric))} {of}")
-        elif fits(ivf):
-            spec = replace(ivf, chosen_because=f"the vectors fit: IVF-Flat, {ivf.params['nlist']} lists, "
-                                               f"{size(memory_bytes('ivf', ivf.params, n, dim, metric))} {of}")
-        elif fits(sq8 := _plan_kind("ivfsq8", metric, n, dim)):
-            spec = replace(sq8, chosen_because=f"the vectors ({size(memory_bytes('flat', {}, n, dim, metric))}) do not fit, "
-                                               f"their 8-bit codes do: IVF-SQ8, {sq8.params['nlist']} lists, "
-                                               f"{size(memory_bytes('ivfsq8', sq8.params, n, dim, metric))} {of}")
+        hnsw, ivf, sq8 = (_plan_kind(kind, metric, n, dim) for kind in ("hnsw", "ivf", "ivfsq8"))
+        if n <= HNSW_MAX and need(hnsw) <= budget:
+            spec = because(hnsw, f"{n:,} items (<= {HNSW_MAX:,}), the graph fits: HNSW, M={HNSW_M}")
+        elif need(ivf) <= budget:
+            spec = because(ivf, f"the vectors fit: IVF-Flat, {ivf.params['nlist']} lists")
+        elif need(sq8) <= budget:
+            spec = because(sq8, f"the vectors ({vectors}) do not fit, their 8-bit codes do: IVF-SQ8, "
+                                f"{sq8.params['nlist']} lists")
         else:
             spec = _plan_pq(metric, n, dim, budget)
             if spec is None:
                 smallest = memory_bytes("ivfpq", {"nlist": 1, "m": 4, "pca": min(dim, PQ_PCA_DIM)}, n, dim)
                 raise IndexError_(f"{n:,} vectors of dimension {dim} need at least {size(smallest)} even as 4-byte "
                                   f"PQ codes; --max-memory {size(budget)} is too small", subject=str(max_memory))
-            spec = replace(spec, chosen_because=f"the vectors ({size(memory_bytes('flat', {}, n, dim, metric))}) do not fit: "
-                                                f"{spec.chosen_because}, {size(memory_bytes('ivfpq', spec.params, n, dim, metric))} {of}")
+            spec = because(spec, f"the vectors ({vectors}) do not fit: {spec.chosen_because}")
     spec.params["max_memory"] = budget
     return spec
 
