@@ -16,6 +16,7 @@ from typing import Any
 from . import __version__
 from .engine import VisualSearch
 from .errors import LookalikeError
+from .backends import BACKENDS
 from .index import KINDS, METRICS
 from .models import DEFAULT_FEATURES, DEFAULT_MODEL, POOLINGS, REGISTRY, TTAS, list_models
 from .runtimes import PRECISIONS, RUNTIMES
@@ -73,6 +74,7 @@ def cmd_build(args) -> int:
         force=args.force, progress=_progress_factory(args),
         crop_pct=args.crop_pct, pooling=args.pooling, tta=args.tta, whiten=args.whiten,
         local_features=args.local_features, runtime=args.runtime, precision=args.precision, resume=args.resume,
+        backend=args.backend, milvus_uri=args.milvus_uri, collection=args.collection,
     )
     report = vs.build_report
     if args.json:
@@ -163,7 +165,10 @@ def cmd_info(args) -> int:
         ("local features", _describe_local(info["local_features"])),
         ("index", f"{info['index']} {info['index_params'] or ''}".strip()),
         ("chosen because", info["chosen_because"]),
-        ("memory", f"{_human_size(info['memory_bytes'])} (the FAISS structure, estimated)"),
+        *([("backend", f"milvus {info['backend']['uri']}, collection {info['backend']['collection']}")]
+          if info["backend"]["name"] == "milvus" else []),
+        ("memory", f"{_human_size(info['memory_bytes'])} (the {'FAISS' if info['backend']['name'] == 'faiss' else 'Milvus'} "
+                   "structure, estimated)"),
         *([("recall@10", f"{info['recall_at_10']:.3f} against exact search (measured at build)")]
           if info["recall_at_10"] is not None else []),
         *([("reindex", info["reindex_advised"])] if info["reindex_advised"] else []),
@@ -374,6 +379,13 @@ def make_parser() -> argparse.ArgumentParser:
                    "for it (e.g. 2GB): exact up to 50,000 items, then HNSW or IVF-Flat while the vectors fit, then "
                    "IVF-PQ with exact re-ranking; search parameters are tuned to recall@10 >= 0.95 on held-aside items "
                    "and `info` shows the recall measured")
+    p.add_argument("--backend", choices=BACKENDS, default="faiss", help="where the index lives: faiss (embedded, "
+                   "in the index directory; the default) or milvus (a collection of --milvus-uri); `open`, `search`, "
+                   "`add`, `remove` and `serve` then use it")
+    p.add_argument("--milvus-uri", metavar="URI", help="a Milvus Lite database file (a path ending in .db: embedded, "
+                   "one process at a time) or a Milvus server's address (e.g. http://localhost:19530)")
+    p.add_argument("--collection", metavar="NAME", help="the Milvus collection (default lookalike_<the output "
+                   "directory's name>); a build replaces it")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per model batch (default 32)")
     p.add_argument("--strict", action="store_true", help="an unreadable image is an error instead of a skip")
     p.add_argument("--force", action="store_true", help="replace an existing index at --output")

@@ -31,7 +31,8 @@ from .errors import CatalogError, ImageError, IndexError_, ModelError, QueryErro
 from .evaluate import combine, per_query
 from .featurizer import TURNS, Featurizer, cpu_count, make_int8_model
 from .images import DEFAULT_POLICY, ImagePolicy, describe, load_image
-from .index import IndexWarning, VectorIndex, check_spec, check_vectors, parse_size, plan_for_memory, prepare
+from .backends import create_index, index_class, load_index
+from .index import IndexWarning, check_spec, check_vectors, parse_size, plan_for_memory, prepare
 from .local import LOCAL_ENTRY, MIN_INLIERS, LocalFeatures
 from .local import extract as extract_local
 from .local import inliers as local_inliers
@@ -157,6 +158,9 @@ class VisualSearch:
         precision: str = "auto",
         max_memory: int | str | None = None,
         resume: bool = False,
+        backend: str = "faiss",
+        milvus_uri: str | None = None,
+        collection: str | None = None,
     ) -> "VisualSearch":
         """Featurize a catalog and write a new index directory at ``path``.
 
@@ -178,6 +182,10 @@ class VisualSearch:
         Vectors are saved in shards beside ``path`` as featurization goes (``checkpoint``); a
         build killed part way goes on with ``resume=True`` (same catalog and options), which
         featurizes only what is missing and gives the same index as an uninterrupted build.
+        ``backend="milvus"`` keeps the index in a Milvus collection (``collection``, default
+        lookalike_<directory name>) of ``milvus_uri``: a Milvus Lite file (``*.db``) or a server's
+        address; the manifest records it and every later use of the index goes there
+        (``backends.milvus``).
         """
         start = time.perf_counter()
         if max_memory is not None:
@@ -193,6 +201,7 @@ class VisualSearch:
         spec = with_features(get_spec(model), crop_pct=crop_pct, pooling=pooling, tta=tta)
         items = _items(catalog)
         _check_target(Path(path), force)
+        where = _backend_entry(backend, milvus_uri, collection, path, index, whiten)
         resolved = resolve_weights(spec, weights)
         if device != "cpu" and precision == "auto":
             precision = "fp32"  # CUDA runs fp16 whatever is asked of the CPU
@@ -217,7 +226,11 @@ class VisualSearch:
                                     model_file=model_file)
             checkpoint.update(meta, runtime=featurizer.runtime, precision=featurizer.precision)
             if index == "auto":  # a budget nothing fits in fails now, not after featurizing
-                plan_for_memory(metric, len(items), featurizer.dim, max_memory)
+                planned = plan_for_memory(metric, len(items), featurizer.dim, max_memory)
+                if where and planned.kind == "ivfpq":
+                    raise IndexError_(f"a budget of {max_memory} needs ivfpq for {len(items)} items, which the "
+                                      "milvus backend does not offer: give it more memory or choose a kind",
+                                      subject=max_memory)
             vectors, kept, report = _featurize_in_shards(featurizer, items, strict, _progress(progress), checkpoint)
             if not kept:
                 raise CatalogError(f"{_name(catalog)}: none of its {len(items)} images could be read", subject=_name(catalog))
@@ -226,7 +239,8 @@ class VisualSearch:
             local = _local_blobs(kept, int_ids, policy, _progress(progress)) if local_features else None
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", IndexWarning)
-                vindex = VectorIndex.create(index, metric, vectors, int_ids, whiten=whiten, max_memory=max_memory)
+                vindex = create_index(index, metric, vectors, int_ids, whiten=whiten, max_memory=max_memory,
+                                      backend=where, metadata=[it.metadata for it in kept] if where else None)
             report.warnings.extend(str(w.message) for w in caught)
             manifest = {
                 "lookalike_version": __version__,
@@ -238,10 +252,16 @@ class VisualSearch:
             }
             if local_features:
                 manifest["local_features"] = LOCAL_ENTRY
-            IndexDir.create(
-                path, manifest, list(zip(int_ids.tolist(), kept)), vindex.vectors, vindex.ids, vindex.write_faiss,
-                overwrite=force, local=local, model_files={model_file.name: model_file} if model_file else None,
-            )
+            try:
+                IndexDir.create(
+                    path, manifest, list(zip(int_ids.tolist(), kept)), vindex.vectors, vindex.ids, vindex.write_faiss,
+                    overwrite=force, local=local, model_files={model_file.name: model_file} if model_file else None,
+                )
+            except BaseException:
+                if where:
+                    vindex.discard()  # the staging collection: the old index (if any) keeps its own
+                raise
+            vindex.committed()
         except StoreError:  # a full disk, most often: the shards would only take more of it
             checkpoint.discard()
             raise
@@ -263,16 +283,30 @@ class VisualSearch:
         if not problems:  # every file matches its hash: FAISS must also read back
             manifest, vectors, ids, faiss_path = store.load()
             ispec = IndexSpec(**dict(manifest["index"], metric=manifest["metric"]))
-            if not VectorIndex.load(ispec, int(manifest["model"]["dim"]), vectors, ids, str(faiss_path))[1]:
+            vindex, intact = load_index(ispec, int(manifest["model"]["dim"]), vectors, ids, str(faiss_path))
+            if not intact and ispec.backend:
+                problems.append({"file": ispec.backend.get("collection", "?"), "problem": vindex.problem(), "fixable": True})
+            elif not intact:
                 problems.append({"file": faiss_path.name, "problem": "FAISS cannot read it", "fixable": True})
         repaired = []
         if problems and repair and all(p["fixable"] for p in problems):
             with store.lock():
                 manifest, vectors, ids, _ = store.load(check_faiss=False)
                 ispec = IndexSpec(**dict(manifest["index"], metric=manifest["metric"]))
-                vindex = VectorIndex(ispec, int(manifest["model"]["dim"]), vectors, ids)
-                store.replace_faiss(manifest, vindex.write_faiss)
-            repaired = [f"rebuilt index-{manifest['generation']}.faiss from the {len(ids)} stored vectors"]
+                cls = index_class(ispec.backend)
+                if ispec.backend:
+                    table = ItemTable(store, int(manifest["generation"]))
+                    try:
+                        rows = table.rows(ids)
+                    finally:
+                        table.close()
+                    vindex = cls(ispec, int(manifest["model"]["dim"]), vectors, ids, metadata=[rows[int(i)][3] for i in ids])
+                    vindex.committed()
+                    repaired = [f"rebuilt collection {ispec.backend['collection']} from the {len(ids)} stored vectors"]
+                else:
+                    vindex = cls(ispec, int(manifest["model"]["dim"]), vectors, ids)
+                    store.replace_faiss(manifest, vindex.write_faiss)
+                    repaired = [f"rebuilt index-{manifest['generation']}.faiss from the {len(ids)} stored vectors"]
             problems = store.diagnose()
         return {"path": str(path), "ok": not problems, "problems": problems, "repaired": repaired}
 
@@ -283,7 +317,10 @@ class VisualSearch:
         self.spec: ModelSpec = spec_from_manifest(manifest["model"])
         self.metric: str = manifest["metric"]
         ispec = IndexSpec(**dict(manifest["index"], metric=self.metric))
-        self._index, from_file = VectorIndex.load(ispec, int(manifest["model"]["dim"]), vectors, ids, str(faiss_path))
+        self._index, from_file = load_index(ispec, int(manifest["model"]["dim"]), vectors, ids, str(faiss_path))
+        if not from_file and ispec.backend:
+            raise StoreError(f"{self.path}: {self._index.problem()}; `lookalike doctor {self.path}` rebuilds it "
+                             "from the stored vectors", subject=str(self.path))
         if not from_file:
             raise StoreError(
                 f"{faiss_path}: FAISS cannot read it or it does not match the vectors; "
@@ -477,6 +514,8 @@ class VisualSearch:
             return None
         if not isinstance(filter, dict):
             raise QueryError(f"filter must be a mapping of metadata field to value, got {type(filter).__name__}")
+        if self._index.filters_metadata:  # the backend runs the filter itself (e.g. a Milvus expression)
+            return self._index.expression(filter)
         return self._items.matching(filter)
 
     def _search_vectors(
@@ -650,10 +689,11 @@ class VisualSearch:
                 if local is not None:
                     local = {int(int_ids[position]): blobs for position, blobs in local.items()}
                 vindex = self._index.copy()  # an IVF index keeps its centroids: `reindex` learns them again
-                vindex.add(vectors, int_ids)
+                vindex.add(vectors, int_ids, metadata=[it.metadata for it in kept] if vindex.filters_metadata else None)
                 manifest = dict(self.manifest, next_int_id=int(int_ids[-1]) + 1)
                 self._store.commit(manifest, vindex.vectors, vindex.ids, vindex.write_faiss,
                                    added=list(zip(int_ids.tolist(), kept)), removed=[], local=local)
+                vindex.committed()
                 self._reload()
         report.indexed = len(kept)
         report.seconds = time.perf_counter() - start
@@ -678,6 +718,7 @@ class VisualSearch:
             vindex = self._index.copy()
             removed = vindex.remove(int_ids)
             self._store.commit(self.manifest, vindex.vectors, vindex.ids, vindex.write_faiss, added=[], removed=int_ids.tolist())
+            vindex.committed()
             self._reload()
         return removed
 
@@ -689,11 +730,21 @@ class VisualSearch:
             before = self._index.spec
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", IndexWarning)
-                vindex = VectorIndex.create(self._index.asked_kind, self.metric, self._index.vectors, self._index.ids,
-                                            whiten=int(before.params.get("whiten", 0)),
-                                            max_memory=before.params.get("max_memory"))
+                metadata = None
+                if self._index.filters_metadata:
+                    rows = self._items.rows(self._index.ids)
+                    metadata = [rows[int(i)][3] for i in self._index.ids]
+                vindex = create_index(self._index.asked_kind, self.metric, self._index.vectors, self._index.ids,
+                                      whiten=int(before.params.get("whiten", 0)), max_memory=before.params.get("max_memory"),
+                                      backend=before.backend, metadata=metadata)
             manifest = dict(self.manifest, index=vindex.spec.to_dict())
-            self._store.commit(manifest, vindex.vectors, vindex.ids, vindex.write_faiss, added=[], removed=[])
+            try:
+                self._store.commit(manifest, vindex.vectors, vindex.ids, vindex.write_faiss, added=[], removed=[])
+            except BaseException:
+                if before.backend:
+                    vindex.discard()
+                raise
+            vindex.committed()
             self._reload()
         return {"before": before.to_dict(), "after": vindex.spec.to_dict(), "warnings": [str(w.message) for w in caught]}
 
@@ -842,7 +893,8 @@ class VisualSearch:
             "index": m["index"]["kind"],
             "index_params": m["index"].get("params", {}),
             "chosen_because": m["index"].get("chosen_because", ""),
-            "memory_bytes": self._index.memory_bytes,  # the FAISS structure's, estimated
+            "backend": m["index"].get("backend") or {"name": "faiss"},
+            "memory_bytes": self._index.memory_bytes,  # the index structure's (FAISS's, or Milvus's), estimated
             "recall_at_10": m["index"].get("measured", {}).get("recall_at_10"),  # measured when kind auto chose it
             "reindex_advised": self._index.retrain_advice(),
             "count": int(m["count"]),
@@ -874,6 +926,30 @@ def _items(catalog: Any) -> list[Item]:
         raise CatalogError("a catalog must be a path or a non-empty list of Item")
     check_unique(items)
     return items
+
+
+def _backend_entry(backend: str, milvus_uri: str | None, collection: str | None, path: Any,
+                   kind: str, whiten: int) -> dict[str, Any]:
+    """The IndexSpec.backend of a build ({} for FAISS), checked (and Milvus reached) before featurizing."""
+    if backend in (None, "faiss"):
+        if milvus_uri or collection:
+            raise IndexError_("--milvus-uri and --collection go with --backend milvus", subject=milvus_uri or collection)
+        return {}
+    if backend != "milvus":
+        index_class({"name": backend})  # the error names the backends there are
+    if not milvus_uri:
+        raise IndexError_("--backend milvus needs --milvus-uri: a Milvus Lite file (e.g. catalog.db) or a server "
+                          "address (e.g. http://localhost:19530)")
+    from .backends.milvus import INDEX_TYPES, backend_entry, client, default_collection
+
+    if kind not in (*INDEX_TYPES, "auto"):
+        raise IndexError_(f"index kind {kind} is not offered with the milvus backend; use one of "
+                          f"{', '.join(INDEX_TYPES)} (or a memory budget)", subject=kind)
+    if whiten:
+        raise IndexError_("whitening is not offered with the milvus backend (it is FAISS's own transform)", subject=whiten)
+    entry = backend_entry(milvus_uri, collection or default_collection(path))
+    client(entry["uri"])  # unreachable, or held by another process: said now, not after featurizing
+    return entry
 
 
 def _check_target(path: Path, force: bool) -> None:

@@ -109,6 +109,17 @@ def prepare(vectors: np.ndarray, metric: str) -> np.ndarray:
     return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
+def check_k(k) -> None:
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise QueryError(f"k must be a whole number >= 1, got {k!r}", subject=k)
+
+
+def _no_hits(n_queries: int):
+    """(scores, distances, int ids) of n queries that found nothing."""
+    empty = np.zeros((n_queries, 0))
+    return empty.astype(np.float32), empty.astype(np.float32), empty.astype(np.int64)
+
+
 def _faiss_metric(metric: str) -> int:
     return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
 
@@ -135,6 +146,23 @@ def plan(kind: str, metric: str, n: int, dim: int, whiten: int = 0) -> IndexSpec
         spec.params["whiten"] = int(whiten)
         spec = replace(spec, chosen_because=f"{spec.chosen_because}; PCA-whitened to {whiten} dimensions, "
                                             f"learned from the {n} items")
+    return spec
+
+
+def plan_index(kind: str, metric: str, n: int, dim: int, whiten: int = 0,
+               max_memory: "int | str | None" = None) -> IndexSpec:
+    """The spec ``VectorIndex.create`` builds: ``plan``, or ``plan_for_memory`` for kind ``auto``."""
+    if kind == AUTO:
+        if whiten:
+            raise IndexError_("whitening is not combined with a memory budget (kind auto): give one or the other",
+                              subject=whiten)
+        if max_memory is None:
+            raise IndexError_("index kind auto needs a memory budget (max_memory, e.g. '2GB')", subject=kind)
+        spec = plan_for_memory(metric, n, dim, max_memory)
+    else:
+        spec = plan(kind, metric, n, dim, whiten)
+    if spec.kind in IVF_KINDS or spec.params.get("whiten"):
+        spec.params["trained_on"] = n  # add() keeps what was learned; reindex() learns again
     return spec
 
 
@@ -287,7 +315,13 @@ def _read_at_random(array: np.ndarray) -> None:
 
 
 class VectorIndex:
-    """FAISS index plus the vectors and int ids it holds; search returns scores and int ids."""
+    """FAISS index plus the vectors and int ids it holds; search returns scores and int ids.
+
+    This is also the interface of the other backends (``backends``): they subclass it and keep
+    the vectors and ids as it does, which exact search, recall measurement and rebuilding read.
+    """
+
+    filters_metadata = False  # True: search takes a metadata filter itself, not a subset of int ids
 
     def __init__(self, spec: IndexSpec, dim: int, vectors: np.ndarray, ids: np.ndarray, index=None, mapped: bool = False):
         check_spec(spec.kind, spec.metric)
@@ -313,17 +347,7 @@ class VectorIndex:
         Kind ``auto`` is chosen by ``plan_for_memory`` within ``max_memory`` and then tuned to
         TARGET_RECALL (``tune``)."""
         vectors = np.asarray(vectors, dtype=np.float32)
-        if kind == AUTO:
-            if whiten:
-                raise IndexError_("whitening is not combined with a memory budget (kind auto): give one or the other",
-                                  subject=whiten)
-            if max_memory is None:
-                raise IndexError_("index kind auto needs a memory budget (max_memory, e.g. '2GB')", subject=kind)
-            spec = plan_for_memory(metric, len(vectors), vectors.shape[1], max_memory)
-        else:
-            spec = plan(kind, metric, len(vectors), vectors.shape[1], whiten)
-        if spec.kind in IVF_KINDS or spec.params.get("whiten"):
-            spec.params["trained_on"] = len(vectors)  # add() keeps what was learned; reindex() learns again
+        spec = plan_index(kind, metric, len(vectors), vectors.shape[1], whiten, max_memory)
         built = cls(spec, vectors.shape[1], vectors, ids)
         if kind == AUTO:
             built.tune()
@@ -463,8 +487,11 @@ class VectorIndex:
 
     # --- changing ------------------------------------------------------------------------
 
-    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        """Add prepared vectors under new int ids (IVF kinds keep their trained centroids)."""
+    def add(self, vectors: np.ndarray, ids: np.ndarray, metadata: list[dict] | None = None) -> None:
+        """Add prepared vectors under new int ids (IVF kinds keep their trained centroids).
+
+        ``metadata`` (each item's) is for backends that filter by it themselves; FAISS's filters
+        go through items.sqlite."""
         vectors = check_vectors(vectors, self.dim, "added vectors")
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if len(ids) == 0:
@@ -517,8 +544,7 @@ class VectorIndex:
         k' = min(k, number of candidates); there is never padding with -1. ``subset`` limits the
         search to those int ids (a metadata filter), inside the index search.
         """
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-            raise QueryError(f"k must be a whole number >= 1, got {k!r}", subject=k)
+        check_k(k)
         queries = prepare(check_vectors(queries, self.dim, "query vector"), self.spec.metric)
         # A few queries run on one thread: FAISS's OpenMP threads go on spinning after a search, on
         # the cores the next query's model needs (1.3 ms of an 8 ms camera query, measured).
@@ -526,19 +552,22 @@ class VectorIndex:
         n_candidates = len(self.ids) if subset is None else int(np.isin(subset, self.ids).sum())
         kk = min(int(k), n_candidates)
         if kk == 0:
-            empty = np.zeros((len(queries), 0))
-            return empty.astype(np.float32), empty.astype(np.float32), empty.astype(np.int64)
+            return _no_hits(len(queries))
         exact = self.spec.kind == "flat" or kk >= len(self.ids) or (subset is not None and n_candidates <= EXACT_SUBSET_MAX)
         if subset is not None and exact:
             distances, ids = self._exact(queries, kk, np.isin(self.ids, subset))
         elif exact and self.spec.kind != "flat":
             distances, ids = self._exact(queries, kk, None)
-        elif self.spec.params.get("rerank"):
-            distances, ids = self._reranked(queries, kk, subset)
         else:
-            distances, ids = self.index.search(queries, kk, params=self._params(subset))
+            distances, ids = self._approximate(queries, kk, subset)
         values, ids = self._drop_missing(distances, ids)
         return self.scores(values), self.distances(values), ids
+
+    def _approximate(self, queries: np.ndarray, k: int, subset: np.ndarray | None):
+        """The index structure's own search of prepared queries -> (FAISS values, int ids)."""
+        if self.spec.params.get("rerank"):
+            return self._reranked(queries, k, subset)
+        return self.index.search(queries, k, params=self._params(subset))
 
     def _reranked(self, queries: np.ndarray, k: int, subset: np.ndarray | None):
         """FAISS finds rerank*k candidates; their stored vectors rank them exactly."""
@@ -610,10 +639,7 @@ class VectorIndex:
     def _recall(self, sample: np.ndarray, truth: np.ndarray, k: int) -> float:
         faiss.omp_set_num_threads(OMP_THREADS)
         queries = np.ascontiguousarray(self.vectors[sample])
-        if self.spec.params.get("rerank"):
-            _, found = self._reranked(queries, k + 1, None)
-        else:
-            _, found = self.index.search(queries, k + 1, params=self._params(None))
+        _, found = self._approximate(queries, k + 1, None)
         found = self._without_self(found, self.ids[sample], k)
         hits = (found[:, :, None] == truth[:, None, :]) & (truth[:, None, :] >= 0)
         return float(hits.any(axis=2).sum() / max(1, (truth >= 0).sum()))
@@ -669,6 +695,10 @@ class VectorIndex:
         return faiss_values
 
     # --- files ---------------------------------------------------------------------------
+
+    def committed(self) -> None:
+        """Called once the store has committed the generation this index was made for. FAISS's
+        structure is in that generation's own file: nothing is left to do."""
 
     def write_faiss(self, path: str) -> None:
         faiss.write_index(self.index, path)

@@ -5,7 +5,8 @@
       items.sqlite       items(int_id, id, label, image, metadata JSON, added_gen, removed_gen); WAL
       vectors-<gen>.npy  float32 [count, dim] as indexed; row i <-> ids-<gen>.npy[i]
       ids-<gen>.npy      int64 int ids
-      index-<gen>.faiss  the FAISS index (derived from the vectors: `lookalike doctor` rebuilds it)
+      index-<gen>.faiss  the FAISS index (derived from the vectors: `lookalike doctor` rebuilds it);
+                         absent when the manifest names another backend (a Milvus collection)
 
 A change writes the next generation's files (fsynced), commits the SQLite rows tagged with
 that generation, then atomically replaces the manifest. SQLite rows carry the generation that
@@ -273,6 +274,8 @@ class IndexDir:
             )
         faiss_path = self.path / names["faiss"]
         expected = files.get(names["faiss"], {}).get("size")
+        if manifest["index"].get("backend"):  # the index is elsewhere (a Milvus collection): no FAISS file
+            check_faiss = False
         if check_faiss and (not faiss_path.exists() or expected is not None and faiss_path.stat().st_size != expected):
             what = "is missing" if not faiss_path.exists() else f"has size {faiss_path.stat().st_size}, the manifest says {expected}"
             raise StoreError(
@@ -428,13 +431,14 @@ class IndexDir:
             f"vectors-{gen}.npy": _write_atomic(self.path / f"vectors-{gen}.npy", lambda f: np.save(f, vectors)),
             f"ids-{gen}.npy": _write_atomic(self.path / f"ids-{gen}.npy", lambda f: np.save(f, ids)),
         }
-        faiss_path = self.path / f"index-{gen}.faiss"
-        tmp = self.path / f".index-{gen}.faiss.tmp"
-        write_faiss(str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, faiss_path)
-        files[faiss_path.name] = {"size": faiss_path.stat().st_size, "sha256": _sha256(faiss_path)}
+        if write_faiss is not None:  # None: the index is kept elsewhere (``backends``)
+            faiss_path = self.path / f"index-{gen}.faiss"
+            tmp = self.path / f".index-{gen}.faiss.tmp"
+            write_faiss(str(tmp))
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, faiss_path)
+            files[faiss_path.name] = {"size": faiss_path.stat().st_size, "sha256": _sha256(faiss_path)}
 
         conn = sqlite3.connect(self.path / ITEMS_DB, timeout=30)
         try:

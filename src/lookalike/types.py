@@ -114,19 +114,23 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class IndexSpec:
-    """How vectors are indexed: the FAISS kind, the metric, and the kind's parameters."""
+    """How vectors are indexed: the kind, the metric, the kind's parameters, and where (the backend)."""
 
     kind: str = "flat"  # flat | hnsw | ivf | ivfsq8 | ivfpq
     metric: str = "cosine"  # cosine | l2 | ip
     params: dict[str, Any] = field(default_factory=dict)
     chosen_because: str = ""
     measured: dict[str, Any] = field(default_factory=dict)  # e.g. recall@10 against exact search (kind auto)
+    backend: dict[str, Any] = field(default_factory=dict)  # {}: embedded FAISS; {"name": "milvus", "uri", "collection"}
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "kind": self.kind,
             "metric": self.metric,
             "params": dict(self.params),
             "chosen_because": self.chosen_because,
             "measured": dict(self.measured),
         }
+        if self.backend:
+            out["backend"] = dict(self.backend)
+        return out
