@@ -343,6 +343,9 @@ class VisualSearch:
         return True
 
     def close(self) -> None:
+        """Let go of the files and connections this object holds (a Milvus Lite file: for other processes)."""
+        if getattr(self, "_index", None) is not None:
+            self._index.close()
         if self._items is not None:
             self._items.close()
             self._items = None

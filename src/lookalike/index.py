@@ -696,6 +696,9 @@ class VectorIndex:
 
     # --- files ---------------------------------------------------------------------------
 
+    def close(self) -> None:
+        """Let go of connections (FAISS holds none: its file's mapping goes with the object)."""
+
     def committed(self) -> None:
         """Called once the store has committed the generation this index was made for. FAISS's
         structure is in that generation's own file: nothing is left to do."""

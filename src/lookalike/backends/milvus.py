@@ -50,6 +50,7 @@ INSERT_ROWS = 1000  # rows per insert call (1,000 x 1280 floats: 5 MB, well unde
 STAGING = "__building"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 _clients: dict[tuple[int, str], Any] = {}
+_loaded: set[tuple[int, str, str]] = set()  # (pid, uri, collection) loaded for search by this process's client
 
 
 def is_server(uri: str) -> bool:
@@ -125,6 +126,22 @@ def client(uri: str):
     return _clients[key]
 
 
+def release(uri: str) -> None:
+    """Close this process's client of ``uri``; a Milvus Lite file is then free for other processes
+    (a later use here connects again)."""
+    found = _clients.pop((os.getpid(), uri), None)
+    _loaded.difference_update({key for key in _loaded if key[:2] == (os.getpid(), uri)})
+    if found is None:
+        return
+    with contextlib.suppress(Exception):
+        found.close()
+    if not is_server(uri):
+        with contextlib.suppress(Exception):
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(uri)
+
+
 def _check_lite_free(path: str) -> None:
     """A Milvus Lite file another process holds fails here with a message, not deep in pymilvus."""
     lock = Path(path) / "LOCK"
@@ -194,7 +211,7 @@ class MilvusIndex(VectorIndex):
             raise IndexError_(f"{len(self.vectors)} vectors but {len(self.ids)} ids")
         _check_offered(spec)
         self.uri, self.collection = spec.backend["uri"], spec.backend["collection"]
-        self._client = client(self.uri)
+        client(self.uri)  # reached now: a wrong address fails here
         self._pending_removal: list[int] = []
         self._top = int(self.ids.max()) if len(self.ids) else -1  # the largest int id of this generation
         if collection is None:
@@ -202,6 +219,21 @@ class MilvusIndex(VectorIndex):
             self._fill(metadata)
         else:
             self._live, self._staged = collection, False
+
+    @property
+    def _client(self):
+        return client(self.uri)  # looked up each time: ``close`` (of any view) lets it go
+
+    def close(self) -> None:
+        release(self.uri)
+
+    def _loaded(self):
+        """The client, with the collection searched loaded (a Milvus Lite file opened again starts released)."""
+        key = (os.getpid(), self.uri, self._live)
+        if key not in _loaded:
+            self._client.load_collection(self._live)
+            _loaded.add(key)
+        return self._client
 
     @classmethod
     def create(cls, kind: str, metric: str, vectors: np.ndarray, ids: np.ndarray, whiten: int = 0,
@@ -229,8 +261,7 @@ class MilvusIndex(VectorIndex):
         with _milvus(self.uri, f"open collection {self._live}"):
             if not self._client.has_collection(self._live):
                 return False
-            self._client.load_collection(self._live)
-            found = self._client.query(self._live, filter=self._bounded(None), output_fields=["count(*)"])
+            found = self._loaded().query(self._live, filter=self._bounded(None), output_fields=["count(*)"])
         return int(found[0]["count(*)"]) == len(self.ids)
 
     def problem(self) -> str:
@@ -238,7 +269,7 @@ class MilvusIndex(VectorIndex):
         with _milvus(self.uri, f"open collection {self._live}"):
             if not self._client.has_collection(self._live):
                 return f"collection {self._live} is not in milvus {self.uri}"
-            found = self._client.query(self._live, filter=self._bounded(None), output_fields=["count(*)"])
+            found = self._loaded().query(self._live, filter=self._bounded(None), output_fields=["count(*)"])
         return f"collection {self._live} in milvus {self.uri} holds {found[0]['count(*)']} items, the index {len(self.ids)}"
 
     @staticmethod
@@ -273,6 +304,7 @@ class MilvusIndex(VectorIndex):
         with _milvus(self.uri, f"create collection {self._live}"):
             if self._client.has_collection(self._live):  # left by a build that did not finish
                 self._client.drop_collection(self._live)
+            _loaded.discard((os.getpid(), self.uri, self._live))
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("int_id", DataType.INT64, is_primary=True)
             schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
@@ -289,7 +321,7 @@ class MilvusIndex(VectorIndex):
                 write(self._live, _rows(vectors[start:end], ids[start:end],
                                         None if metadata is None else metadata[start:end]))
             self._client.flush(self._live)  # sealed and indexed: searches of growing segments are slow
-            self._client.load_collection(self._live)
+            self._loaded()
 
     def add(self, vectors: np.ndarray, ids: np.ndarray, metadata: list[dict] | None = None) -> None:
         """Upsert into the collection now (invisible to searches until this generation is opened)."""
@@ -328,8 +360,8 @@ class MilvusIndex(VectorIndex):
                 if self._client.has_collection(self.collection):
                     self._client.drop_collection(self.collection)
                 self._client.rename_collection(self._live, self.collection)
+                _loaded.difference_update({key for key in _loaded if key[1] == self.uri})
                 self._live, self._staged = self.collection, False
-                self._client.load_collection(self._live)
 
     def discard(self) -> None:
         """Drop a staging collection that will not be committed."""
@@ -368,7 +400,7 @@ class MilvusIndex(VectorIndex):
         params = {"ef": max(int(p["ef_search"]), k)} if self.spec.kind == "hnsw" else (
             {"nprobe": int(p["nprobe"])} if "nprobe" in p else {})
         with _milvus(self.uri, f"search collection {self._live}"):
-            found = self._client.search(self._live, data=np.ascontiguousarray(queries, dtype=np.float32), limit=k,
+            found = self._loaded().search(self._live, data=np.ascontiguousarray(queries, dtype=np.float32), limit=k,
                                         filter=self._bounded(subset), output_fields=["int_id"],
                                         search_params={"metric_type": METRIC_TYPES[self.spec.metric], "params": params})
         worst = np.inf if self.spec.metric == "l2" else -np.inf
