@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .engine import Report, VisualSearch  # noqa: E402
 from .errors import (  # noqa: E402
     CatalogError,
+    ClusterError,
     ImageCorruptError,
     ImageError,
     ImageFetchError,
@@ -23,6 +24,7 @@ from .types import Hit, IndexSpec, Item, ModelSpec, SearchResult  # noqa: E402
 
 __all__ = [
     "CatalogError",
+    "ClusterError",
     "Hit",
     "ImageCorruptError",
     "ImageError",

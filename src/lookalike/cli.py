@@ -74,7 +74,7 @@ def cmd_build(args) -> int:
         force=args.force, progress=_progress_factory(args),
         crop_pct=args.crop_pct, pooling=args.pooling, tta=args.tta, whiten=args.whiten,
         local_features=args.local_features, runtime=args.runtime, precision=args.precision, resume=args.resume,
-        backend=args.backend, milvus_uri=args.milvus_uri, collection=args.collection,
+        backend=args.backend, milvus_uri=args.milvus_uri, collection=args.collection, ray=args.ray,
     )
     report = vs.build_report
     if args.json:
@@ -386,6 +386,9 @@ def make_parser() -> argparse.ArgumentParser:
                    "one process at a time) or a Milvus server's address (e.g. http://localhost:19530)")
     p.add_argument("--collection", metavar="NAME", help="the Milvus collection (default lookalike_<the output "
                    "directory's name>); a build replaces it")
+    p.add_argument("--ray", nargs="?", const=True, metavar="ADDRESS", help="featurize on Ray: decoding in Ray Data "
+                   "tasks, the model in an actor pool (one actor per CPU or GPU); without ADDRESS a local Ray is started "
+                   "for the build, with one (e.g. ray://head:10001, or auto) the build joins that cluster")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per model batch (default 32)")
     p.add_argument("--strict", action="store_true", help="an unreadable image is an error instead of a skip")
     p.add_argument("--force", action="store_true", help="replace an existing index at --output")

@@ -27,7 +27,7 @@ from PIL import Image
 from . import __version__
 from .catalog import check_unique, read_catalog
 from .checkpoint import SHARD_ITEMS, BuildCheckpoint, fingerprint
-from .errors import CatalogError, ImageError, IndexError_, ModelError, QueryError, StoreError
+from .errors import CatalogError, ClusterError, ImageError, IndexError_, ModelError, QueryError, StoreError
 from .evaluate import combine, per_query
 from .featurizer import TURNS, Featurizer, cpu_count, make_int8_model
 from .images import DEFAULT_POLICY, ImagePolicy, describe, load_image
@@ -161,6 +161,7 @@ class VisualSearch:
         backend: str = "faiss",
         milvus_uri: str | None = None,
         collection: str | None = None,
+        ray: bool | str | None = None,
     ) -> "VisualSearch":
         """Featurize a catalog and write a new index directory at ``path``.
 
@@ -185,7 +186,8 @@ class VisualSearch:
         ``backend="milvus"`` keeps the index in a Milvus collection (``collection``, default
         lookalike_<directory name>) of ``milvus_uri``: a Milvus Lite file (``*.db``) or a server's
         address; the manifest records it and every later use of the index goes there
-        (``backends.milvus``).
+        (``backends.milvus``). ``ray``: featurize on Ray (``distributed``): True starts a local Ray
+        for the build, an address joins that cluster; the index is the one a build here makes.
         """
         start = time.perf_counter()
         if max_memory is not None:
@@ -231,7 +233,8 @@ class VisualSearch:
                     raise IndexError_(f"a budget of {max_memory} needs ivfpq for {len(items)} items, which the "
                                       "milvus backend does not offer: give it more memory or choose a kind",
                                       subject=max_memory)
-            vectors, kept, report = _featurize_in_shards(featurizer, items, strict, _progress(progress), checkpoint)
+            on_ray = None if ray in (None, False) else {"address": ray if isinstance(ray, str) and ray else None}
+            vectors, kept, report = _featurize_in_shards(featurizer, items, strict, _progress(progress), checkpoint, on_ray)
             if not kept:
                 raise CatalogError(f"{_name(catalog)}: none of its {len(items)} images could be read", subject=_name(catalog))
             vectors = prepare(vectors, metric)
@@ -978,39 +981,80 @@ def _featurize_items(featurizer: Featurizer, items: list[Item], strict: bool, pr
 
 
 def _featurize_in_shards(featurizer: Featurizer, items: list[Item], strict: bool, progress: ProgressFactory | None,
-                         checkpoint: BuildCheckpoint):
+                         checkpoint: BuildCheckpoint, ray: dict[str, Any] | None = None):
     """Featurize ``items`` SHARD_ITEMS at a time, saving each shard; shards a killed build of the
-    same catalog and options saved are read back instead (``Report.resumed`` counts their items)."""
+    same catalog and options saved are read back instead (``Report.resumed`` counts their items).
+
+    ``ray`` (the options of ``distributed.featurize_on_ray``, e.g. its ``address``): the missing
+    shards' images are featurized there instead, and each shard is saved once its last image is in.
+    """
+    shards = [(lo, min(len(items), lo + SHARD_ITEMS)) for lo in range(0, len(items), SHARD_ITEMS)]
     have = set(checkpoint.done())
     bar = progress(len(items)) if progress else None
-    vectors: list[np.ndarray] = []
-    ok: list[int] = []
-    skipped: list[tuple[int, str]] = []
+    done: dict[int, tuple[np.ndarray, list[int], list[tuple[int, str]]]] = {}
     resumed = 0
     try:
-        for number, lo in enumerate(range(0, len(items), SHARD_ITEMS)):
-            hi = min(len(items), lo + SHARD_ITEMS)
-            saved = checkpoint.load(number) if number in have else None
+        for number in sorted(have):
+            saved = checkpoint.load(number) if number < len(shards) else None
             if saved is not None:
-                shard_vectors, shard_ok, shard_skipped = saved
+                done[number] = saved
+                lo, hi = shards[number]
                 resumed += hi - lo
                 if bar is not None:
                     bar.update(hi - lo)
-            else:
-                result = featurizer.featurize([it.image for it in items[lo:hi]], strict=strict,
-                                              progress=bar.update if bar else None)
-                shard_vectors, shard_ok = result.vectors, [lo + i for i in result.ok]
-                shard_skipped = [(lo + i, _reason(err)) for i, err in result.errors]
-                checkpoint.save(number, shard_vectors, shard_ok, shard_skipped)
-            vectors.append(shard_vectors)
-            ok.extend(shard_ok)
-            skipped.extend(shard_skipped)
+        missing = [number for number in range(len(shards)) if number not in done]
+        featurized = _shards_on_ray if ray is not None else _shards_here
+        for number, shard_vectors, shard_ok, errors in featurized(featurizer, items, shards, missing, bar, ray):
+            if errors and strict:
+                raise errors[0][1]
+            shard_skipped = [(i, _reason(err)) for i, err in errors]
+            checkpoint.save(number, shard_vectors, shard_ok, shard_skipped)
+            done[number] = (shard_vectors, shard_ok, shard_skipped)
     finally:
         if bar is not None:
             bar.close()
-    report = Report(skipped=[(items[i].id, reason) for i, reason in skipped], resumed=resumed)
+    ordered = [done[number] for number in range(len(shards))]
+    ok = [i for _, shard_ok, _ in ordered for i in shard_ok]
+    report = Report(skipped=[(items[i].id, reason) for _, _, skipped in ordered for i, reason in skipped], resumed=resumed)
+    vectors = [v for v, _, _ in ordered]
     out = np.concatenate(vectors) if vectors else np.zeros((0, featurizer.dim), np.float32)
     return out, [items[i] for i in ok], report
+
+
+def _shards_here(featurizer: Featurizer, items: list[Item], shards, missing: list[int], bar, ray=None):
+    """(shard number, vectors, catalog positions of its rows, [(position, ImageError)]) of each missing shard, in this process."""
+    for number in missing:
+        lo, hi = shards[number]
+        result = featurizer.featurize([it.image for it in items[lo:hi]], progress=bar.update if bar else None)
+        yield number, result.vectors, [lo + i for i in result.ok], [(lo + i, err) for i, err in result.errors]
+
+
+def _shards_on_ray(featurizer: Featurizer, items: list[Item], shards, missing: list[int], bar, ray: dict[str, Any]):
+    """As ``_shards_here``, from Ray (``distributed``): blocks come back in any order; a shard is
+    yielded once all its images are in."""
+    from .distributed import featurize_on_ray
+
+    positions = [i for number in missing for i in range(*shards[number])]
+    left = {number: shards[number][1] - shards[number][0] for number in missing}
+    got: dict[int, dict[int, Any]] = {number: {} for number in missing}  # shard -> position -> vector or error
+    for block_positions, block_vectors, errors in featurize_on_ray(
+        [items[i].image for i in positions], positions, spec=featurizer.spec, weights=featurizer.weights,
+        runtime=featurizer.runtime, precision=featurizer.precision, device=featurizer.device, policy=featurizer.policy,
+        batch_size=featurizer.batch_size, progress=bar.update if bar else None, **ray,
+    ):
+        for position, value in [*zip(block_positions.tolist(), block_vectors), *errors]:
+            number = position // SHARD_ITEMS
+            got[number][position] = value
+            left[number] -= 1
+            if left[number] == 0:
+                found = got.pop(number)
+                ok = sorted(p for p, v in found.items() if isinstance(v, np.ndarray))
+                errs = sorted(((p, v) for p, v in found.items() if not isinstance(v, np.ndarray)), key=lambda e: e[0])
+                dim = featurizer.dim
+                vectors = np.stack([found[p] for p in ok]) if ok else np.zeros((0, dim), np.float32)
+                yield number, vectors, ok, errs
+    if got:
+        raise ClusterError(f"Ray returned no result for {sum(left[n] for n in got)} images", subject=ray.get("address"))
 
 
 def _local_blobs(

@@ -85,8 +85,13 @@ class IndexBusyError(StoreError):
     """Another process holds the index's write lock."""
 
 
+class ClusterError(LookalikeError):
+    """A Ray cluster could not be started or joined, or lacks what the work needs."""
+
+
 __all__ = [
     "CatalogError",
+    "ClusterError",
     "ImageCorruptError",
     "ImageError",
     "ImageFetchError",

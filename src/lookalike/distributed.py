@@ -1,0 +1,147 @@
+"""Featurization on Ray: images decoded in Ray Data tasks, the same Featurizer run by an actor pool.
+
+``featurize_on_ray`` takes the catalog's images (as ``read_catalog`` checked them: one reader for
+every format, and duplicate ids need the whole catalog) and hands them to Ray Data in blocks of
+RAY_BLOCK. Tasks decode and preprocess each block (``featurizer.load_pixels``, the single-process
+build's own function, with the same image policy); an actor pool runs ``Featurizer.run`` on the
+pixels, one actor per CPU (each on one thread) or per GPU. Results come back as blocks finish, in
+any order, with each input's position; an unreadable image comes back as its ImageError, so the
+build skips and reports it exactly as a single-process build does.
+
+Without an address a local Ray is started for the build (and stopped after); with one the build
+joins that cluster (``ray.init(address)``; "auto" finds a running one). Every node needs
+lookalike and the model's weights package installed, as the driver has them. An int8 model (the
+index's own file) travels to the actors through Ray's object store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from .errors import ClusterError, ImageError
+from .featurizer import CPU_CHUNK, Featurizer, load_pixels
+from .images import DEFAULT_POLICY, ImagePolicy
+from .models import Weights
+from .runtimes import cpu_count
+from .types import ModelSpec
+
+RAY_BLOCK = 32  # images per decode task and per actor call
+DECODE_CPUS = 0.5  # logical CPUs a decode task asks for: decoding is light beside the model
+
+
+def _decode(batch: dict[str, np.ndarray], spec: ModelSpec, policy: ImagePolicy) -> dict[str, np.ndarray]:
+    """A block of images -> their model inputs (zeros where unreadable) and errors (None where read)."""
+    n = len(batch["position"])
+    pixels = np.zeros((n, 3, spec.input_size, spec.input_size), np.float32)
+    errors = np.empty(n, dtype=object)
+    for j, source in enumerate(batch["image"]):
+        try:
+            pixels[j] = load_pixels(str(source), spec, policy)
+        except ImageError as exc:
+            errors[j] = exc
+    return {"position": batch["position"], "pixels": pixels, "error": errors}
+
+
+class _Featurize:
+    """A Ray actor: one Featurizer, on one thread (CPU) or one GPU."""
+
+    def __init__(self, spec: ModelSpec, weights: Weights, device: str, runtime: str, precision: str,
+                 model_ref: Any, policy: ImagePolicy, batch_size: int):
+        model_file = None
+        if model_ref is not None:  # the index's int8 model, from the object store
+            import ray
+
+            handle, model_file = tempfile.mkstemp(suffix=".onnx", prefix="lookalike-int8-")
+            with os.fdopen(handle, "wb") as f:
+                f.write(ray.get(model_ref))
+        self.featurizer = Featurizer(spec, weights, device=device, batch_size=batch_size, threads=1, policy=policy,
+                                     runtime=runtime if device == "cpu" else "auto",
+                                     precision=precision if device == "cpu" else "fp32", model_file=model_file)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = np.array([e is None for e in batch["error"]], dtype=bool)
+        vectors = np.zeros((len(ok), self.featurizer.dim), np.float32)
+        pixels = batch["pixels"][ok]
+        step = CPU_CHUNK if self.featurizer.device == "cpu" else self.featurizer.batch_size
+        if len(pixels):  # in the chunks the single-process build runs
+            vectors[ok] = np.concatenate([self.featurizer.run(pixels[i:i + step]) for i in range(0, len(pixels), step)])
+        return {"position": batch["position"], "vector": vectors, "error": batch["error"]}
+
+
+def featurize_on_ray(
+    sources: Sequence[str],
+    positions: Sequence[int],
+    *,
+    spec: ModelSpec,
+    weights: Weights,
+    runtime: str,
+    precision: str,
+    device: str = "cpu",
+    policy: ImagePolicy = DEFAULT_POLICY,
+    batch_size: int = 32,
+    model_file: str | os.PathLike | None = None,
+    address: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray, list[tuple[int, ImageError]]]]:
+    """Featurize ``sources`` on Ray; yield (positions, vectors, [(position, error)]) per finished
+    block, ``positions`` being those given for the sources. ``runtime`` and ``precision`` are the
+    ones the driver's Featurizer chose (not ``auto``: every actor runs the same)."""
+    try:
+        import ray
+        import ray.data
+    except ImportError as exc:
+        raise ClusterError("--ray needs Ray: pip install 'lookalike[ray]'") from exc
+    started = _connect(ray, address)
+    try:
+        gpus = int(ray.cluster_resources().get("GPU", 0)) if device == "cuda" else 0
+        if device == "cuda" and not gpus:
+            raise ClusterError(f"device cuda on Ray: the cluster at {address or 'this machine'} has no GPU", subject=address)
+        actors = gpus or max(1, int(ray.cluster_resources().get("CPU", cpu_count())))
+        model_ref = ray.put(open(model_file, "rb").read()) if model_file is not None else None
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        rows = [{"position": int(p), "image": str(s)} for p, s in zip(positions, sources)]
+        if not rows:
+            return
+        dataset = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // RAY_BLOCK)))
+        dataset = dataset.map_batches(_decode, fn_kwargs={"spec": spec, "policy": policy}, batch_size=RAY_BLOCK,
+                                      batch_format="numpy", num_cpus=DECODE_CPUS)
+        dataset = dataset.map_batches(
+            _Featurize, fn_constructor_kwargs={"spec": spec, "weights": weights, "device": device, "runtime": runtime,
+                                               "precision": precision, "model_ref": model_ref, "policy": policy,
+                                               "batch_size": batch_size},
+            batch_size=RAY_BLOCK, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=0 if gpus else 1 - DECODE_CPUS / 2, num_gpus=1 if gpus else 0,
+        )
+        for block in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            ok = np.array([e is None for e in block["error"]], dtype=bool)
+            errors = [(int(p), e) for p, e in zip(block["position"][~ok], block["error"][~ok])]
+            yield block["position"][ok].astype(np.int64), block["vector"][ok].astype(np.float32), errors
+            if progress:
+                progress(len(ok))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _connect(ray, address: str | None) -> bool:
+    """Join ``address`` (or the Ray this process already has), else start a local one; True if started here."""
+    if ray.is_initialized():
+        return False
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    options = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    try:
+        if address:
+            ray.init(address=address, **options)
+        else:
+            ray.init(num_cpus=cpu_count(), **options)
+    except Exception as exc:  # ConnectionError, RuntimeError, ValueError: Ray's own, by version
+        raise ClusterError(f"Ray at {address or 'a new local cluster'}: cannot start or join it ({exc})",
+                         subject=address) from exc
+    return True
