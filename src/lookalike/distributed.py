@@ -23,28 +23,40 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from . import errors
 from .errors import ClusterError, ImageError
-from .featurizer import CPU_CHUNK, Featurizer, load_pixels
-from .images import DEFAULT_POLICY, ImagePolicy
+from .featurizer import CPU_CHUNK, Featurizer, crop, normalize
+from .images import DEFAULT_POLICY, ImagePolicy, load_image
 from .models import Weights
 from .runtimes import cpu_count
 from .types import ModelSpec
 
-RAY_BLOCK = 32  # images per decode task and per actor call
+RAY_BLOCK = 64  # images per decode task and per actor call
 DECODE_CPUS = 0.5  # logical CPUs a decode task asks for: decoding is light beside the model
 
 
-def _decode(batch: dict[str, np.ndarray], spec: ModelSpec, policy: ImagePolicy) -> dict[str, np.ndarray]:
-    """A block of images -> their model inputs (zeros where unreadable) and errors (None where read)."""
+def _decode(batch: dict[str, np.ndarray], spec: ModelSpec, policy: ImagePolicy, cwd: str) -> dict[str, np.ndarray]:
+    """A block of images -> their model inputs (zeros where unreadable) and errors (None where read).
+
+    Relative image paths are the catalog's, relative to the driver's folder: the worker works
+    there too where that folder exists (so errors read as the single-process build's)."""
+    if os.getcwd() != cwd and os.path.isdir(cwd):
+        os.chdir(cwd)
     n = len(batch["position"])
-    pixels = np.zeros((n, 3, spec.input_size, spec.input_size), np.float32)
-    errors = np.empty(n, dtype=object)
+    pixels = np.zeros((n, spec.input_size, spec.input_size, 3), np.uint8)  # a quarter of float32's bytes to move
+    kinds, messages = [""] * n, [""] * n
     for j, source in enumerate(batch["image"]):
         try:
-            pixels[j] = load_pixels(str(source), spec, policy)
-        except ImageError as exc:
-            errors[j] = exc
-    return {"position": batch["position"], "pixels": pixels, "error": errors}
+            pixels[j] = crop(load_image(str(source), policy=policy, draft_size=spec.resize_size), spec)
+        except ImageError as exc:  # as its class name and message: Ray Data columns are plain arrays
+            kinds[j], messages[j] = type(exc).__name__, str(exc)
+    return {"position": batch["position"], "pixels": pixels, "error_kind": np.array(kinds), "error": np.array(messages)}
+
+
+def _error(kind: str, message: str) -> ImageError:
+    """The ImageError a task caught, made again in the driver."""
+    cls = getattr(errors, kind, ImageError)
+    return cls(message) if isinstance(cls, type) and issubclass(cls, ImageError) else ImageError(message)
 
 
 class _Featurize:
@@ -64,13 +76,14 @@ class _Featurize:
                                      precision=precision if device == "cpu" else "fp32", model_file=model_file)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = np.array([e is None for e in batch["error"]], dtype=bool)
+        ok = batch["error_kind"] == ""
         vectors = np.zeros((len(ok), self.featurizer.dim), np.float32)
-        pixels = batch["pixels"][ok]
+        spec = self.featurizer.spec
+        pixels = np.stack([normalize(p, spec) for p in batch["pixels"][ok]]) if ok.any() else None
         step = CPU_CHUNK if self.featurizer.device == "cpu" else self.featurizer.batch_size
-        if len(pixels):  # in the chunks the single-process build runs
+        if pixels is not None:  # in the chunks the single-process build runs
             vectors[ok] = np.concatenate([self.featurizer.run(pixels[i:i + step]) for i in range(0, len(pixels), step)])
-        return {"position": batch["position"], "vector": vectors, "error": batch["error"]}
+        return {"position": batch["position"], "vector": vectors, "error_kind": batch["error_kind"], "error": batch["error"]}
 
 
 def featurize_on_ray(
@@ -109,7 +122,7 @@ def featurize_on_ray(
         if not rows:
             return
         dataset = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // RAY_BLOCK)))
-        dataset = dataset.map_batches(_decode, fn_kwargs={"spec": spec, "policy": policy}, batch_size=RAY_BLOCK,
+        dataset = dataset.map_batches(_decode, fn_kwargs={"spec": spec, "policy": policy, "cwd": os.getcwd()}, batch_size=RAY_BLOCK,
                                       batch_format="numpy", num_cpus=DECODE_CPUS)
         dataset = dataset.map_batches(
             _Featurize, fn_constructor_kwargs={"spec": spec, "weights": weights, "device": device, "runtime": runtime,
@@ -119,8 +132,9 @@ def featurize_on_ray(
             num_cpus=0 if gpus else 1 - DECODE_CPUS / 2, num_gpus=1 if gpus else 0,
         )
         for block in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-            ok = np.array([e is None for e in block["error"]], dtype=bool)
-            errors = [(int(p), e) for p, e in zip(block["position"][~ok], block["error"][~ok])]
+            ok = block["error_kind"] == ""
+            failed = zip(block["position"][~ok], block["error_kind"][~ok], block["error"][~ok])
+            errors = [(int(p), _error(str(kind), str(message))) for p, kind, message in failed]
             yield block["position"][ok].astype(np.int64), block["vector"][ok].astype(np.float32), errors
             if progress:
                 progress(len(ok))

@@ -51,6 +51,11 @@ CPU_CHUNK = 4  # inputs per model call on CPU: small batches stay in the core's 
 
 def preprocess(img: Image.Image, spec: ModelSpec) -> np.ndarray:
     """An RGB image as the model's float32 CHW input: resize short side, centre crop, normalise."""
+    return normalize(crop(img, spec), spec)
+
+
+def crop(img: Image.Image, spec: ModelSpec) -> np.ndarray:
+    """An RGB image resized (short side) and centre-cropped to the model's input: uint8 [H, W, 3]."""
     size, scale = spec.input_size, spec.resize_size
     w, h = img.size
     if w <= h:
@@ -62,13 +67,18 @@ def preprocess(img: Image.Image, spec: ModelSpec) -> np.ndarray:
     left, top = (new_w - size) // 2, (new_h - size) // 2
     sx, sy = w / new_w, h / new_h
     box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
-    img = img.resize((size, size), resample, box=box, reducing_gap=None)
+    return np.asarray(img.resize((size, size), resample, box=box, reducing_gap=None))
+
+
+def normalize(pixels: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """``crop``'s uint8 [H, W, 3] as the model's float32 [3, H, W] input."""
+    size = spec.input_size
     # (x / 255 - mean) / std as one multiply-add, written straight into a CHW float32 array.
     std = np.asarray(spec.std, dtype=np.float32)
     scale = (1.0 / (255.0 * std))[:, None, None]
     offset = (-np.asarray(spec.mean, dtype=np.float32) / std)[:, None, None]
     out = np.empty((3, size, size), np.float32)
-    np.multiply(np.asarray(img).transpose(2, 0, 1), scale, out=out)
+    np.multiply(pixels.transpose(2, 0, 1), scale, out=out)
     out += offset
     return out
 
