@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 from typing import Any, Callable, Iterator, Sequence
 
@@ -32,6 +33,7 @@ from .runtimes import cpu_count
 from .types import ModelSpec
 
 RAY_BLOCK = 64  # images per decode task and per actor call
+CONNECT_TIMEOUT = 5.0  # seconds to reach a cluster's address
 DECODE_CPUS = 0.5  # logical CPUs a decode task asks for: decoding is light beside the model
 
 
@@ -143,6 +145,19 @@ def featurize_on_ray(
             ray.shutdown()
 
 
+def _check_reachable(address: str) -> None:
+    """A host:port (or ray://host:port) nobody answers at fails in seconds, not after Ray's long retries."""
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", or a form Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT).close()
+    except OSError as exc:
+        raise ClusterError(f"Ray at {address}: nothing answers there ({exc.strerror or exc}); start the cluster "
+                           "(`ray start --head`) or check the address", subject=address) from None
+
+
 def _connect(ray, address: str | None) -> bool:
     """Join ``address`` (or the Ray this process already has), else start a local one; True if started here."""
     if ray.is_initialized():
@@ -150,6 +165,8 @@ def _connect(ray, address: str | None) -> bool:
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
     options = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if address:
+        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, **options)

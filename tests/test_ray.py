@@ -1,0 +1,66 @@
+"""Featurization on Ray (a real local Ray with 2 CPUs): the same index as a single-process build,
+bad images skipped and reported the same, and clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import COIL, SAMPLE
+from lookalike import VisualSearch
+from lookalike.errors import ImageNotFoundError
+
+MODEL = {"runtime": "onnxruntime", "precision": "fp32"}  # the same model runs in both builds
+
+
+@pytest.fixture(scope="module")
+def coil_with_bad_images(tmp_path_factory):
+    """coil-100's 1,200 images, plus a missing file and a corrupt one among them."""
+    root = tmp_path_factory.mktemp("coil-ray")
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
+    rows = list(csv.DictReader(open(COIL / "items.csv")))
+    out = [{"id": r["id"], "image": str(COIL / r["image"]), "label": r["label"]} for r in rows]
+    out.insert(5, {"id": "missing", "image": str(root / "nowhere.png"), "label": "none"})
+    out.insert(1100, {"id": "corrupt", "image": str(root / "corrupt.png"), "label": "none"})
+    with open(root / "catalog.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["id", "image", "label"])
+        writer.writeheader()
+        writer.writerows(out)
+    return root / "catalog.csv"
+
+
+def test_a_ray_build_makes_the_single_process_index(coil_with_bad_images, tmp_path):
+    here = VisualSearch.build(coil_with_bad_images, tmp_path / "here", **MODEL)
+    on_ray = VisualSearch.build(coil_with_bad_images, tmp_path / "ray", ray=True, **MODEL)
+    assert len(on_ray) == len(here) == 1200
+    assert np.array_equal(on_ray._index.ids, here._index.ids)
+    assert np.allclose(on_ray._index.vectors, here._index.vectors, atol=1e-5)
+    ids = lambda vs: [row[1] for row in vs._items.all_rows()]  # noqa: E731
+    assert ids(on_ray) == ids(here)
+    assert on_ray.build_report.skipped == here.build_report.skipped
+    assert [i for i, _ in on_ray.build_report.skipped] == ["missing", "corrupt"]
+    assert on_ray.build_report.skipped[0][1].startswith("missing: ")
+    assert not list(tmp_path.glob(".*lookalike-build"))  # the shards are gone once the index holds them
+    query = here._index.vectors[:20]
+    assert [[h.id for h in r.hits] for r in on_ray.search(query, k=5)] == [[h.id for h in r.hits] for r in here.search(query, k=5)]
+
+
+def test_strict_on_ray_raises_what_a_single_process_build_raises(coil_with_bad_images, tmp_path):
+    with pytest.raises(ImageNotFoundError, match="nowhere.png"):
+        VisualSearch.build(coil_with_bad_images, tmp_path / "ray", ray=True, strict=True, **MODEL)
+    assert not (tmp_path / "ray").exists()
+
+
+def test_ray_from_the_command_line(tmp_path):
+    cmd = [sys.executable, "-m", "lookalike.cli", "build", str(SAMPLE / "catalog.csv"), "-o", str(tmp_path / "idx")]
+    proc = subprocess.run([*cmd, "--ray", "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["indexed"] == 300 and report["index"]["count"] == 300
+    proc = subprocess.run([*cmd, "--ray", "127.0.0.1:9", "--force"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Ray at 127.0.0.1:9: nothing answers there" in proc.stderr, proc.stderr
