@@ -2,11 +2,12 @@
 
 ``featurize_on_ray`` takes the catalog's images (as ``read_catalog`` checked them: one reader for
 every format, and duplicate ids need the whole catalog) and hands them to Ray Data in blocks of
-RAY_BLOCK. Tasks decode and preprocess each block (``featurizer.load_pixels``, the single-process
-build's own function, with the same image policy); an actor pool runs ``Featurizer.run`` on the
-pixels, one actor per CPU (each on one thread) or per GPU. Results come back as blocks finish, in
-any order, with each input's position; an unreadable image comes back as its ImageError, so the
-build skips and reports it exactly as a single-process build does.
+RAY_BLOCK. Tasks decode, resize and crop each block (``images.load_image`` and ``featurizer.crop``,
+the single-process build's own steps, with the same image policy) and pass uint8 pixels on; an
+actor pool normalises them and runs ``Featurizer.run``, one actor per CPU (each on one thread) or
+per GPU. Results come back as blocks finish, in any order, with each input's position; an
+unreadable image comes back as its ImageError, so the build skips and reports it exactly as a
+single-process build does.
 
 Without an address a local Ray is started for the build (and stopped after); with one the build
 joins that cluster (``ray.init(address)``; "auto" finds a running one). Every node needs
@@ -20,6 +21,8 @@ import logging
 import os
 import socket
 import tempfile
+import warnings
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -117,22 +120,26 @@ def featurize_on_ray(
         if device == "cuda" and not gpus:
             raise ClusterError(f"device cuda on Ray: the cluster at {address or 'this machine'} has no GPU", subject=address)
         actors = gpus or max(1, int(ray.cluster_resources().get("CPU", cpu_count())))
-        model_ref = ray.put(open(model_file, "rb").read()) if model_file is not None else None
+        model_ref = ray.put(Path(model_file).read_bytes()) if model_file is not None else None
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         rows = [{"position": int(p), "image": str(s)} for p, s in zip(positions, sources)]
         if not rows:
             return
         dataset = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // RAY_BLOCK)))
-        dataset = dataset.map_batches(_decode, fn_kwargs={"spec": spec, "policy": policy, "cwd": os.getcwd()}, batch_size=RAY_BLOCK,
-                                      batch_format="numpy", num_cpus=DECODE_CPUS)
-        dataset = dataset.map_batches(
-            _Featurize, fn_constructor_kwargs={"spec": spec, "weights": weights, "device": device, "runtime": runtime,
-                                               "precision": precision, "model_ref": model_ref, "policy": policy,
-                                               "batch_size": batch_size},
-            batch_size=RAY_BLOCK, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=0 if gpus else 1 - DECODE_CPUS / 2, num_gpus=1 if gpus else 0,
-        )
+        dataset = dataset.map_batches(_decode, fn_kwargs={"spec": spec, "policy": policy, "cwd": os.getcwd()},
+                                      batch_size=RAY_BLOCK, batch_format="numpy", num_cpus=DECODE_CPUS)
+        with warnings.catch_warnings():  # max_restarts has no named parameter of its own yet
+            warnings.simplefilter("ignore", DeprecationWarning)
+            dataset = dataset.map_batches(
+                _Featurize, fn_constructor_kwargs={"spec": spec, "weights": weights, "device": device, "runtime": runtime,
+                                                   "precision": precision, "model_ref": model_ref, "policy": policy,
+                                                   "batch_size": batch_size},
+                max_restarts=0,  # an actor lost fails the build; the shards saved so far make --resume quick
+                batch_size=RAY_BLOCK, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+                # one actor per CPU, each asking a little less than one, so decode tasks fit beside them
+                num_cpus=0 if gpus else 1 - DECODE_CPUS / 2, num_gpus=1 if gpus else 0,
+            )
         for block in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
             ok = block["error_kind"] == ""
             failed = zip(block["position"][~ok], block["error_kind"][~ok], block["error"][~ok])
@@ -162,8 +169,8 @@ def _connect(ray, address: str | None) -> bool:
     """Join ``address`` (or the Ray this process already has), else start a local one; True if started here."""
     if ray.is_initialized():
         return False
-    for name in ("ray", "ray.data"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("ray", "ray.data"):  # the build reports progress and problems itself
+        logging.getLogger(name).setLevel(logging.ERROR)
     options = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     if address:
         _check_reachable(address)
