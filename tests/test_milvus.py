@@ -141,6 +141,10 @@ def test_add_remove_reopen_and_doctor(milvus_sample, tmp_path):
     with VisualSearch(tmp_path / "index") as again:
         assert len(again) == 302 and again.search(query, k=1)[0].hits[0].id == f"copy-{items[0].id}"
         assert len(again.search(query, k=10, filter={"label": "Copies"})[0].hits) == 3
+        # reindex builds a new collection beside the old one and swaps them once committed
+        assert again.reindex()["after"]["backend"]["collection"] == "lookalike_index"
+        assert client(str(uri)).list_collections() == ["lookalike_index"]
+        assert again.search(query, k=1)[0].hits[0].id == f"copy-{items[0].id}" and again.generation == 4
     release(str(uri))
 
 
@@ -232,3 +236,6 @@ def test_the_service_searches_a_milvus_index(milvus_sample, sample_index):
         assert proc.returncode == 2 and "another process has this Milvus Lite database open" in proc.stderr
     finally:
         srv.stop()
+    # nor may several workers serve it
+    proc = run("serve", milvus_sample / "index", "--workers", "2", check=False)
+    assert proc.returncode == 2 and "serve it with --workers 1, or keep it in a Milvus server" in proc.stderr

@@ -54,6 +54,7 @@ from ..errors import (
     ImageNotFoundError,
     ImageTooLargeError,
     IndexBusyError,
+    IndexError_,
     LookalikeError,
     ModelError,
     QueryError,
@@ -1409,6 +1410,11 @@ def serve(settings: ServerSettings, *, host: str = "127.0.0.1", port: int = 8000
     else:
         with VisualSearch.open(settings.index_dir) as vs:  # fail early, in this process
             items = len(vs)
+            backend = vs.info()["backend"]
+        if backend["name"] == "milvus" and "://" not in backend["uri"]:
+            raise IndexError_(f"{settings.index_dir}: its index is in a Milvus Lite file ({backend['uri']}), which one "
+                              "process at a time may open: serve it with --workers 1, or keep it in a Milvus server",
+                              subject=str(settings.index_dir))
         os.environ[SETTINGS_ENV] = json.dumps(dataclasses.asdict(settings))
         print(f"lookalike: serving {settings.index_dir} ({items} items) with {workers} workers at "
               f"http://{shown}:{port}/  (API docs: /docs)", flush=True)
