@@ -64,3 +64,14 @@ def test_ray_from_the_command_line(tmp_path):
     assert report["indexed"] == 300 and report["index"]["count"] == 300
     proc = subprocess.run([*cmd, "--ray", "127.0.0.1:9", "--force"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Ray at 127.0.0.1:9: nothing answers there" in proc.stderr, proc.stderr
+
+
+def test_an_int8_build_on_ray_runs_the_index_s_own_model(tmp_path):
+    """The int8 model is calibrated in the driver and reaches the actors through Ray's object store."""
+    vs = VisualSearch.build(SAMPLE / "catalog.csv", tmp_path / "idx", ray=True, runtime="onnxruntime", precision="int8")
+    assert vs.info()["precision"] == "int8" and len(vs) == 300
+    rows = vs._items.all_rows()[:8]
+    again = vs.featurizer.featurize([image for _, _, _, image, _ in rows]).vectors
+    stored = vs._index.vectors_of(np.array([int_id for int_id, *_ in rows]))
+    again /= np.linalg.norm(again, axis=1, keepdims=True)
+    assert np.allclose(again, stored, atol=1e-5)

@@ -1040,7 +1040,7 @@ def _shards_on_ray(featurizer: Featurizer, items: list[Item], shards, missing: l
     for block_positions, block_vectors, errors in featurize_on_ray(
         [items[i].image for i in positions], positions, spec=featurizer.spec, weights=featurizer.weights,
         runtime=featurizer.runtime, precision=featurizer.precision, device=featurizer.device, policy=featurizer.policy,
-        batch_size=featurizer.batch_size, progress=bar.update if bar else None, **ray,
+        batch_size=featurizer.batch_size, model_file=featurizer.model_file, progress=bar.update if bar else None, **ray,
     ):
         for position, value in [*zip(block_positions.tolist(), block_vectors), *errors]:
             number = position // SHARD_ITEMS

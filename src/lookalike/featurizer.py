@@ -142,6 +142,7 @@ class Featurizer:
         self.batch_size = batch_size
         self.threads = threads or cpu_count()
         self.policy = policy
+        self.model_file = model_file  # the int8 model it runs (None: the cached export of the spec's)
         self._lock = threading.Lock()
         self._mirror: ThreadPoolExecutor | None = None  # runs the mirror image of a lone query
         self._runtime = self._open_runtime(runtime, precision, model_file)
