@@ -75,3 +75,28 @@ def test_an_int8_build_on_ray_runs_the_index_s_own_model(tmp_path):
     stored = vs._index.vectors_of(np.array([int_id for int_id, *_ in rows]))
     again /= np.linalg.norm(again, axis=1, keepdims=True)
     assert np.allclose(again, stored, atol=1e-5)
+
+
+def test_a_build_joins_a_running_cluster_and_leaves_it_running(tmp_path):
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_exe = [sys.executable, "-m", "ray.scripts.scripts"]
+    env = dict(os.environ, RAY_AUTH_MODE="token")  # the cluster `ray start` makes asks for its token
+    start = subprocess.run([*ray_exe, "start", "--head", "--num-cpus", "2", "--port", str(port), "--include-dashboard",
+                            "false", "--disable-usage-stats"], capture_output=True, text=True, timeout=120, env=env)
+    assert start.returncode == 0, start.stderr
+    try:
+        cmd = [sys.executable, "-m", "lookalike.cli", "build", str(SAMPLE / "catalog.csv"), "-o", str(tmp_path / "idx"),
+               "--ray", f"127.0.0.1:{port}", "--json"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["indexed"] == 300
+        status = subprocess.run([*ray_exe, "status", "--address", f"127.0.0.1:{port}"], capture_output=True, text=True,
+                                timeout=60, env=env)
+        assert status.returncode == 0 and "2.0 CPU" in status.stdout, status.stdout + status.stderr
+    finally:
+        subprocess.run([*ray_exe, "stop", "--force"], capture_output=True, timeout=120)

@@ -180,6 +180,8 @@ def _connect(ray, address: str | None) -> bool:
         else:
             ray.init(num_cpus=cpu_count(), **options)
     except Exception as exc:  # ConnectionError, RuntimeError, ValueError: Ray's own, by version
-        raise ClusterError(f"Ray at {address or 'a new local cluster'}: cannot start or join it ({exc})",
-                         subject=address) from exc
+        hint = ("; a cluster with token authentication also needs RAY_AUTH_MODE=token here, and its token "
+                "(RAY_AUTH_TOKEN, or ~/.ray/auth_token)" if address and address != "auto" else "")
+        raise ClusterError(f"Ray at {address or 'a new local cluster'}: cannot start or join it ({exc}){hint}",
+                           subject=address) from exc
     return True
