@@ -37,7 +37,7 @@ from .types import ModelSpec
 
 RAY_BLOCK = 64  # images per decode task and per actor call
 CONNECT_TIMEOUT = 5.0  # seconds to reach a cluster's address
-DECODE_CPUS = 0.5  # logical CPUs a decode task asks for: decoding is light beside the model
+DECODE_CPUS = 0.25  # logical CPUs a decode task asks for: decoding is light beside the model
 
 
 def _decode(batch: dict[str, np.ndarray], spec: ModelSpec, policy: ImagePolicy, cwd: str) -> dict[str, np.ndarray]:
