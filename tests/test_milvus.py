@@ -239,3 +239,34 @@ def test_the_service_searches_a_milvus_index(milvus_sample, sample_index):
     # nor may several workers serve it
     proc = run("serve", milvus_sample / "index", "--workers", "2", check=False)
     assert proc.returncode == 2 and "serve it with --workers 1, or keep it in a Milvus server" in proc.stderr
+
+
+ODD_FILTERS = [{"big": 2**70}, {"": "empty key"}, {'k.e y"\'': "odd"}, {"ü": "ö"}, {"f": 1.5}, {"bool": True},
+               {"num": 3}, {"num": "3"}, {"label": ["L", "M"]}, {"null": None}, {"nested": {"x": 1}}]
+
+
+def test_odd_metadata_is_stored_and_filtered_alike_in_milvus_and_sqlite(tmp_path):
+    """Keys with quotes and dots, numbers past 64 bits, booleans, nulls: the build keeps them, and
+    every filter finds what the FAISS index's SQLite filter finds (a dict value: the same error)."""
+    images = sorted((SAMPLE / "queries").glob("*.jpg"))
+    rows = [
+        {"id": "a", "image": str(images[0]), "big": 2**70, "nested": {"x": [1, 2, {"y": None}]}, "": "empty key",
+         'k.e y"\'': "odd", "ü": "ö", "f": 1.5},
+        {"id": "b", "image": str(images[1]), "big": -2**63, "list": [], "bool": True, "null": None, "long": "x" * 70000},
+        {"id": "c", "image": str(images[2]), "label": "L", "num": 3},
+    ]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with VisualSearch.build(tmp_path / "c.jsonl", tmp_path / "m", backend="milvus", milvus_uri=tmp_path / "m.db") as m, \
+            VisualSearch.build(tmp_path / "c.jsonl", tmp_path / "f") as f:
+        query = f._index.vectors[:1]
+        for where in ODD_FILTERS:
+            try:
+                want = _ids(f.search(query, k=3, filter=where))
+            except QueryError:
+                with pytest.raises(QueryError):
+                    m.search(query, k=3, filter=where)
+                continue
+            assert _ids(m.search(query, k=3, filter=where)) == want, where
+        assert _ids(m.search(query, k=3, filter={"big": 2**70})) == [["a"]]
+        assert _ids(m.search(query, k=3, filter={'k.e y"\'': "odd"})) == [["a"]]
+        assert m.search(query, k=3)[0].hits[0].metadata == f.search(query, k=3)[0].hits[0].metadata

@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from .engine import Report, VisualSearch  # noqa: E402
 from .errors import (  # noqa: E402
+    BackendError,
     CatalogError,
     ClusterError,
     ImageCorruptError,
@@ -23,6 +24,7 @@ from .images import ImagePolicy  # noqa: E402
 from .types import Hit, IndexSpec, Item, ModelSpec, SearchResult  # noqa: E402
 
 __all__ = [
+    "BackendError",
     "CatalogError",
     "ClusterError",
     "Hit",

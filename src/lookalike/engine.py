@@ -27,7 +27,7 @@ from PIL import Image
 from . import __version__
 from .catalog import check_unique, read_catalog
 from .checkpoint import SHARD_ITEMS, BuildCheckpoint, fingerprint
-from .errors import CatalogError, ClusterError, ImageError, IndexError_, ModelError, QueryError, StoreError
+from .errors import BackendError, CatalogError, ClusterError, ImageError, IndexError_, ModelError, QueryError, StoreError
 from .evaluate import combine, per_query
 from .featurizer import TURNS, Featurizer, cpu_count, make_int8_model
 from .images import DEFAULT_POLICY, ImagePolicy, describe, load_image
@@ -265,6 +265,8 @@ class VisualSearch:
                     vindex.discard()  # the staging collection: the old index (if any) keeps its own
                 raise
             vindex.committed()
+        except BackendError:  # Milvus refused or went away: the shards make --resume quick
+            raise
         except StoreError:  # a full disk, most often: the shards would only take more of it
             checkpoint.discard()
             raise
@@ -520,6 +522,11 @@ class VisualSearch:
             return None
         if not isinstance(filter, dict):
             raise QueryError(f"filter must be a mapping of metadata field to value, got {type(filter).__name__}")
+        for key, value in filter.items():
+            for v in value if isinstance(value, (list, tuple, set)) else [value]:
+                if not (v is None or isinstance(v, (str, int, float, bool))):
+                    raise QueryError(f"filter {key!r}: compare with a string, number or boolean (or a list of them), "
+                                     f"not a {type(v).__name__}", subject=key)
         if self._index.filters_metadata:  # the backend runs the filter itself (e.g. a Milvus expression)
             return self._index.expression(filter)
         return self._items.matching(filter)

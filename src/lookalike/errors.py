@@ -85,11 +85,16 @@ class IndexBusyError(StoreError):
     """Another process holds the index's write lock."""
 
 
+class BackendError(StoreError):
+    """The index's backend (a Milvus server or Milvus Lite file) refused a request or cannot be reached."""
+
+
 class ClusterError(LookalikeError):
     """A Ray cluster could not be started or joined, or lacks what the work needs."""
 
 
 __all__ = [
+    "BackendError",
     "CatalogError",
     "ClusterError",
     "ImageCorruptError",

@@ -651,6 +651,10 @@ class ItemTable:
             if not values:
                 return np.zeros(0, np.int64)
             marks = ",".join("?" * len(values))
+            if '"' in str(key):  # a JSON path cannot quote it: look the key up among the row's own
+                clauses.append(f"EXISTS (SELECT 1 FROM json_each(items.metadata) AS e WHERE e.key = ? AND e.value IN ({marks}))")
+                params.extend([str(key), *[_sql_value(v) for v in values]])
+                continue
             clauses.append(f"json_extract(metadata, ?) IN ({marks})")
             params.extend([path, *[_sql_value(v) for v in values]])
         sql = f"SELECT int_id FROM items WHERE {_VISIBLE.replace(':gen', '?')}"
@@ -693,6 +697,8 @@ def _has_local_table(conn: sqlite3.Connection) -> bool:
 def _sql_value(v: Any) -> Any:
     if isinstance(v, bool):
         return int(v)
+    if isinstance(v, int) and not -2**63 <= v < 2**63:
+        return float(v)  # SQLite's integers are 64-bit; json_extract reads such numbers as reals
     if isinstance(v, (int, float, str)) or v is None:
         return v
     return json.dumps(v)

@@ -39,7 +39,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..errors import IndexError_, QueryError, StoreError
+from ..errors import BackendError, IndexError_, QueryError
 from ..index import VectorIndex, _no_hits, check_k, check_vectors, plan_index, prepare
 from ..types import IndexSpec
 
@@ -93,7 +93,7 @@ def backend_entry(uri: str, collection: str) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _milvus(uri: str, what: str) -> Iterator[None]:
-    """Milvus's own exceptions -> StoreError naming the database and what was being done."""
+    """Milvus's own exceptions -> BackendError naming the database and what was being done."""
     from pymilvus.exceptions import MilvusException
 
     try:
@@ -102,7 +102,7 @@ def _milvus(uri: str, what: str) -> Iterator[None]:
         message = getattr(exc, "message", None) or str(exc)
         if "lock" in message.lower() or "locked" in message.lower():
             message += "; Milvus Lite lets one process at a time open its file: use a Milvus server for several"
-        raise StoreError(f"milvus {uri}: cannot {what} ({message.splitlines()[0]})", subject=uri) from exc
+        raise BackendError(f"milvus {uri}: cannot {what} ({message.splitlines()[0]})", subject=uri) from exc
 
 
 def client(uri: str):
@@ -119,10 +119,10 @@ def client(uri: str):
         with _milvus(uri, "connect"):
             try:
                 _clients[key] = MilvusClient(uri=uri)
-            except StoreError:
+            except BackendError:
                 raise
             except Exception as exc:  # pymilvus wraps a refused connection in several types
-                raise StoreError(f"milvus {uri}: cannot connect ({exc})", subject=uri) from exc
+                raise BackendError(f"milvus {uri}: cannot connect ({exc})", subject=uri) from exc
     return _clients[key]
 
 
@@ -154,7 +154,7 @@ def _check_lite_free(path: str) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)
     except OSError:
-        raise StoreError(f"milvus {path}: another process has this Milvus Lite database open (a running "
+        raise BackendError(f"milvus {path}: another process has this Milvus Lite database open (a running "
                          "`lookalike serve`?); Milvus Lite lets one process at a time open it: stop that process, "
                          "or keep the index in a Milvus server", subject=path) from None
     finally:
@@ -164,6 +164,8 @@ def _check_lite_free(path: str) -> None:
 def _literal(value: Any, key: str) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
+        value = float(value)  # as the stored metadata has it (``_json_value``)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if not np.isfinite(value):
             raise QueryError(f"filter {key!r}: {value!r} is not a number the milvus backend can compare", subject=key)
@@ -188,10 +190,28 @@ def filter_expression(where: dict[str, Any]) -> str:
     return " and ".join(clauses)
 
 
+INT64 = (-2**63, 2**63 - 1)
+
+
+def _json_value(value: Any) -> Any:
+    """Metadata as Milvus's JSON field takes it: whole numbers past 64 bits become floats (as
+    SQLite's json_extract reads them), anything JSON has no form for becomes its text."""
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return value if INT64[0] <= value <= INT64[1] else float(value)
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    return json.loads(json.dumps(value, default=str))
+
+
 def _rows(vectors: np.ndarray, ids: np.ndarray, metadata: list[dict] | None) -> list[dict]:
     meta = metadata if metadata is not None else [{}] * len(ids)
-    return [{"int_id": int(i), "vector": v, "metadata": json.loads(json.dumps(m, default=str))}
-            for i, v, m in zip(ids, vectors, meta)]
+    return [{"int_id": int(i), "vector": v, "metadata": _json_value(m)} for i, v, m in zip(ids, vectors, meta)]
 
 
 class MilvusIndex(VectorIndex):
@@ -372,7 +392,7 @@ class MilvusIndex(VectorIndex):
     def discard(self) -> None:
         """Drop a staging collection that will not be committed."""
         if self._staged:
-            with contextlib.suppress(StoreError), _milvus(self.uri, f"drop collection {self._live}"):
+            with contextlib.suppress(BackendError), _milvus(self.uri, f"drop collection {self._live}"):
                 self._client.drop_collection(self._live)
 
     # --- searching -----------------------------------------------------------------------
