@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -34,15 +36,24 @@ def coil_with_bad_images(tmp_path_factory):
     return root / "catalog.csv"
 
 
-def test_a_ray_build_makes_the_single_process_index(coil_with_bad_images, tmp_path):
-    here = VisualSearch.build(coil_with_bad_images, tmp_path / "here", **MODEL)
+@pytest.fixture(scope="module")
+def built_here(coil_with_bad_images, tmp_path_factory):
+    """That catalog built by one process (the reference): its path and what its build skipped."""
+    path = tmp_path_factory.mktemp("here") / "index"
+    vs = VisualSearch.build(coil_with_bad_images, path, **MODEL)
+    vs.close()
+    return path, vs.build_report.skipped
+
+
+def test_a_ray_build_makes_the_single_process_index(coil_with_bad_images, built_here, tmp_path):
+    here = VisualSearch(built_here[0])
     on_ray = VisualSearch.build(coil_with_bad_images, tmp_path / "ray", ray=True, **MODEL)
     assert len(on_ray) == len(here) == 1200
     assert np.array_equal(on_ray._index.ids, here._index.ids)
     assert np.allclose(on_ray._index.vectors, here._index.vectors, atol=1e-5)
     ids = lambda vs: [row[1] for row in vs._items.all_rows()]  # noqa: E731
     assert ids(on_ray) == ids(here)
-    assert on_ray.build_report.skipped == here.build_report.skipped
+    assert on_ray.build_report.skipped == built_here[1]
     assert [i for i, _ in on_ray.build_report.skipped] == ["missing", "corrupt"]
     assert on_ray.build_report.skipped[0][1].startswith("missing: ")
     assert not list(tmp_path.glob(".*lookalike-build"))  # the shards are gone once the index holds them
@@ -100,3 +111,29 @@ def test_a_build_joins_a_running_cluster_and_leaves_it_running(tmp_path):
         assert status.returncode == 0 and "2.0 CPU" in status.stdout, status.stdout + status.stderr
     finally:
         subprocess.run([*ray_exe, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_a_build_killed_in_one_process_resumes_on_ray(coil_with_bad_images, built_here, tmp_path):
+    """The shards are the same on Ray or not: what one process saved, Ray goes on from."""
+    cmd = [sys.executable, "-m", "lookalike.cli", "build", str(coil_with_bad_images), "-o", str(tmp_path / "idx"),
+           "--runtime", "onnxruntime", "--precision", "fp32", "--json"]
+    shards = tmp_path / ".idx.lookalike-build"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(2400):  # until the first of its two shards is saved
+            if (shards / "shard-000000.npz").exists() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert (shards / "shard-000000.npz").exists() and not (shards / "shard-000001.npz").exists()
+    done = subprocess.run([*cmd, "--ray", "--resume"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["resumed"] == 1024 and report["indexed"] == 1200 and not shards.exists()
+    # the first from the saved shard, the second from Ray: as one process reported them
+    assert [(s["id"], s["reason"]) for s in report["skipped"]] == built_here[1]
+    with VisualSearch(tmp_path / "idx") as resumed, VisualSearch(built_here[0]) as here:
+        assert np.array_equal(resumed._index.ids, here._index.ids)
+        assert np.allclose(resumed._index.vectors, here._index.vectors, atol=1e-5)
