@@ -249,10 +249,10 @@ def ray_part(repeat: int, as_json: bool) -> int:
     from lookalike.catalog import read_catalog
     from lookalike.distributed import _connect, featurize_on_ray
     from lookalike.featurizer import Featurizer
-    from lookalike.models import DEFAULT_MODEL, get_spec, resolve_weights
+    from lookalike.models import DEFAULT_MODEL, get_spec, resolve_weights, with_features
 
     images = [it.image for it in read_catalog(DATA / "coil-100" / "items.csv")] * repeat
-    spec = get_spec(DEFAULT_MODEL)
+    spec = with_features(get_spec(DEFAULT_MODEL))  # as a build makes features by default (the flip included)
     weights = resolve_weights(spec)
     here = Featurizer(spec, weights, runtime="onnxruntime", precision="fp32")
     here.featurize(images[:16])  # warm
@@ -285,7 +285,8 @@ def ray_part(repeat: int, as_json: bool) -> int:
     if as_json:
         print(json.dumps(out, indent=2))
         return 0
-    print(f"\n{len(images):,} coil-100 images, {DEFAULT_MODEL}, onnxruntime fp32, {os.cpu_count()} cores; "
+    print(f"\n{len(images):,} coil-100 images, {DEFAULT_MODEL} (the build's default features), onnxruntime fp32, "
+          f"{os.cpu_count()} cores; "
           f"local Ray started in {init_s:.1f} s (not counted)\n")
     print("Ray: the whole call, the actor pool's start included; Ray steady: the rate from 25 % to 75 % of the images\n")
     print(f"{'run':>4}  {'one process':>12}  {'Ray':>12}  {'Ray/one':>8}  {'first block':>11}  {'Ray steady':>12}  {'steady/one':>10}")
