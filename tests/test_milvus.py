@@ -270,3 +270,29 @@ def test_odd_metadata_is_stored_and_filtered_alike_in_milvus_and_sqlite(tmp_path
         assert _ids(m.search(query, k=3, filter={"big": 2**70})) == [["a"]]
         assert _ids(m.search(query, k=3, filter={'k.e y"\'': "odd"})) == [["a"]]
         assert m.search(query, k=3)[0].hits[0].metadata == f.search(query, k=3)[0].hits[0].metadata
+
+
+def test_items_added_and_removed_over_http_reach_the_collection(tmp_path):
+    import httpx
+
+    from conftest import API_KEY
+
+    run("build", SAMPLE / "catalog.csv", "-o", tmp_path / "index", "--backend", "milvus", "--milvus-uri", tmp_path / "w.db")
+    new = SAMPLE / "queries" / "sunglasses-23724.jpg"
+    srv = Server(tmp_path / "index", env={"LOOKALIKE_API_KEY": API_KEY})
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+            r = c.post("/items", files={"file": ("s.jpg", new.read_bytes(), "image/jpeg")},
+                       data={"id": "new-shades", "label": "Test shades"})
+            assert r.status_code == 201, r.text
+            found = c.post("/search", files={"file": ("q.jpg", new.read_bytes(), "image/jpeg")},
+                           params={"k": 3, "filter": json.dumps({"label": "Test shades"})}).json()
+            assert [h["id"] for h in found["results"][0]["hits"]] == ["new-shades"]  # its metadata is in Milvus
+            assert c.delete("/items/new-shades").status_code == 200
+            found = c.post("/search", files={"file": ("q.jpg", new.read_bytes(), "image/jpeg")},
+                           params={"k": 3, "filter": json.dumps({"label": "Test shades"})}).json()
+            assert found["results"][0]["hits"] == []
+    finally:
+        srv.stop()
+    assert client(str(tmp_path / "w.db")).query("lookalike_index", filter="", output_fields=["count(*)"])[0]["count(*)"] == 300
+    release(str(tmp_path / "w.db"))
