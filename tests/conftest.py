@@ -79,6 +79,22 @@ def writable_server(sample_copy):
     srv.stop()
 
 
+def kill_once_saved(cmd: list, path: Path, seconds: float = 120) -> None:
+    """Run ``cmd`` and SIGKILL it as soon as ``path`` exists (or when it ends, or after ``seconds``)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + seconds
+        while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+
+
 def tree_digest(path: Path) -> dict[str, str]:
     """sha256 of every file under path (to prove nothing on disk changed)."""
     out = {}

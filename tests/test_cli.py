@@ -6,16 +6,14 @@ import csv
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import COIL, DATA, FASHION, SAMPLE, tree_digest, write_csv
+from conftest import COIL, DATA, FASHION, SAMPLE, kill_once_saved, tree_digest, write_csv
 
 EXE = shutil.which("lookalike", path=str(Path(sys.executable).parent)) or "lookalike"
 QUERIES = sorted((SAMPLE / "queries").glob("*.jpg"))
@@ -78,15 +76,7 @@ def test_a_killed_build_resumes_where_it_stopped_and_gives_the_same_index(tmp_pa
     assert not (tmp_path / ".whole.lookalike-build").exists()  # the shards go once the index is written
 
     shards = tmp_path / ".part.lookalike-build"
-    proc = subprocess.Popen([EXE, *map(str, args), "-o", tmp_path / "part"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        for _ in range(1200):  # until the first of its two shards (1024 items of 1200) is saved
-            if (shards / "shard-000000.npz").exists() or proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_once_saved([EXE, *args, "-o", tmp_path / "part"], shards / "shard-000000.npz")  # 1024 items of 1200
     assert (shards / "shard-000000.npz").exists() and not (shards / "shard-000001.npz").exists()
     assert not (tmp_path / "part" / "lookalike.json").exists()
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import COIL, SAMPLE
+from conftest import COIL, SAMPLE, kill_once_saved
 from lookalike import VisualSearch
 from lookalike.errors import ImageNotFoundError
 
@@ -118,15 +116,7 @@ def test_a_build_killed_in_one_process_resumes_on_ray(coil_with_bad_images, buil
     cmd = [sys.executable, "-m", "lookalike.cli", "build", str(coil_with_bad_images), "-o", str(tmp_path / "idx"),
            "--runtime", "onnxruntime", "--precision", "fp32", "--json"]
     shards = tmp_path / ".idx.lookalike-build"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        for _ in range(2400):  # until the first of its two shards is saved
-            if (shards / "shard-000000.npz").exists() or proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_once_saved(cmd, shards / "shard-000000.npz")  # the first of its two shards
     assert (shards / "shard-000000.npz").exists() and not (shards / "shard-000001.npz").exists()
     done = subprocess.run([*cmd, "--ray", "--resume"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
