@@ -196,6 +196,7 @@ def test_refusals_come_before_featurizing(tmp_path):
         (["--backend", "milvus", "--milvus-uri", tmp_path / "x.db", "--whiten", "64"], "whitening is not offered"),
         (["--backend", "milvus", "--milvus-uri", tmp_path / "x.db", "--collection", "9lives"], "collection name '9lives'"),
         (["--milvus-uri", tmp_path / "x.db"], "go with --backend milvus"),
+        (["--backend", "milvus", "--milvus-uri", "http://127.0.0.1:9"], "milvus http://127.0.0.1:9: cannot connect"),
     ]
     for extra, message in cases:
         proc = run("build", catalog, "-o", tmp_path / "index", *extra, check=False)

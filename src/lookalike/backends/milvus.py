@@ -116,13 +116,15 @@ def client(uri: str):
             raise IndexError_("the milvus backend needs pymilvus and milvus-lite: pip install 'lookalike[milvus]'") from exc
         if not is_server(uri):
             _check_lite_free(uri)
-        with _milvus(uri, "connect"):
+        from pymilvus.exceptions import MilvusException
+
+        with _milvus(uri, "connect"):  # MilvusException, in its own words
             try:
                 _clients[key] = MilvusClient(uri=uri)
-            except BackendError:
+            except MilvusException:
                 raise
-            except Exception as exc:  # pymilvus wraps a refused connection in several types
-                raise BackendError(f"milvus {uri}: cannot connect ({exc})", subject=uri) from exc
+            except Exception as exc:  # a malformed address, or a refusal pymilvus did not wrap
+                raise BackendError(f"milvus {uri}: cannot connect ({type(exc).__name__}: {exc})", subject=uri) from exc
     return _clients[key]
 
 
