@@ -24,7 +24,8 @@ Keeping the collection and the index directory in step:
   directory's is a StoreError that points to ``lookalike doctor``, which rebuilds the collection.
 
 Milvus Lite is embedded: one process at a time may open its .db (it holds a lock). Several
-processes (service workers, a CLI beside a service) need a Milvus server.
+processes (service workers, a CLI beside a service) need a Milvus server; its credentials come
+from the environment (MILVUS_TOKEN: "user:password" or an API key), never from the manifest.
 """
 
 from __future__ import annotations
@@ -120,7 +121,9 @@ def client(uri: str):
 
         with _milvus(uri, "connect"):  # MilvusException, in its own words
             try:
-                _clients[key] = MilvusClient(uri=uri)
+                # a server's credentials ("user:password" or an API key) never go into the manifest
+                token = os.environ.get("MILVUS_TOKEN", "") if is_server(uri) else ""
+                _clients[key] = MilvusClient(uri=uri, token=token)
             except MilvusException:
                 raise
             except Exception as exc:  # a malformed address, or a refusal pymilvus did not wrap
