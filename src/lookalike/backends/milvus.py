@@ -51,7 +51,7 @@ INSERT_ROWS = 1000  # rows per insert call (1,000 x 1280 floats: 5 MB, well unde
 STAGING = "__building"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 _clients: dict[tuple[int, str], Any] = {}
-_loaded: set[tuple[int, str, str]] = set()  # (pid, uri, collection) loaded for search by this process's client
+_loaded_collections: set[tuple[int, str, str]] = set()  # (pid, uri, collection) this process loaded
 
 
 def is_server(uri: str) -> bool:
@@ -135,7 +135,7 @@ def release(uri: str) -> None:
     """Close this process's client of ``uri``; a Milvus Lite file is then free for other processes
     (a later use here connects again)."""
     found = _clients.pop((os.getpid(), uri), None)
-    _loaded.difference_update({key for key in _loaded if key[:2] == (os.getpid(), uri)})
+    _loaded_collections.difference_update({key for key in _loaded_collections if key[:2] == (os.getpid(), uri)})
     if found is None:
         return
     with contextlib.suppress(Exception):
@@ -255,9 +255,9 @@ class MilvusIndex(VectorIndex):
     def _loaded(self):
         """The client, with the collection searched loaded (a Milvus Lite file opened again starts released)."""
         key = (os.getpid(), self.uri, self._live)
-        if key not in _loaded:
+        if key not in _loaded_collections:
             self._client.load_collection(self._live)
-            _loaded.add(key)
+            _loaded_collections.add(key)
         return self._client
 
     @classmethod
@@ -335,7 +335,7 @@ class MilvusIndex(VectorIndex):
         with _milvus(self.uri, f"create collection {self._live}"):
             if self._client.has_collection(self._live):  # left by a build that did not finish
                 self._client.drop_collection(self._live)
-            _loaded.discard((os.getpid(), self.uri, self._live))
+            _loaded_collections.discard((os.getpid(), self.uri, self._live))
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("int_id", DataType.INT64, is_primary=True)
             schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
@@ -391,7 +391,7 @@ class MilvusIndex(VectorIndex):
                 if self._client.has_collection(self.collection):
                     self._client.drop_collection(self.collection)
                 self._client.rename_collection(self._live, self.collection)
-                _loaded.difference_update({key for key in _loaded if key[1] == self.uri})
+                _loaded_collections.difference_update({key for key in _loaded_collections if key[1] == self.uri})
                 self._live, self._staged = self.collection, False
 
     def discard(self) -> None:
@@ -431,9 +431,10 @@ class MilvusIndex(VectorIndex):
         params = {"ef": max(int(p["ef_search"]), k)} if self.spec.kind == "hnsw" else (
             {"nprobe": int(p["nprobe"])} if "nprobe" in p else {})
         with _milvus(self.uri, f"search collection {self._live}"):
-            found = self._loaded().search(self._live, data=np.ascontiguousarray(queries, dtype=np.float32), limit=k,
-                                        filter=self._bounded(subset), output_fields=["int_id"],
-                                        search_params={"metric_type": METRIC_TYPES[self.spec.metric], "params": params})
+            found = self._loaded().search(
+                self._live, data=np.ascontiguousarray(queries, dtype=np.float32), limit=k, filter=self._bounded(subset),
+                output_fields=["int_id"], search_params={"metric_type": METRIC_TYPES[self.spec.metric], "params": params},
+            )
         worst = np.inf if self.spec.metric == "l2" else -np.inf
         values = np.full((len(queries), k), worst, np.float32)
         ids = np.full((len(queries), k), -1, np.int64)
