@@ -297,3 +297,20 @@ def test_items_added_and_removed_over_http_reach_the_collection(tmp_path):
         srv.stop()
     assert client(str(tmp_path / "w.db")).query("lookalike_index", filter="", output_fields=["count(*)"])[0]["count(*)"] == 300
     release(str(tmp_path / "w.db"))
+
+
+def test_a_memory_budget_chooses_among_the_kinds_milvus_offers(tmp_path):
+    with VisualSearch.build(SAMPLE / "catalog.csv", tmp_path / "index", backend="milvus", milvus_uri=tmp_path / "b.db",
+                            max_memory="1GB") as vs:
+        info = vs.info()
+        assert info["index"] == "flat" and info["recall_at_10"] == 1.0 and info["index_params"]["max_memory"] == 2**30
+        assert vs.reindex()["after"]["kind"] == "flat"  # chosen again with the same budget, in the same collection
+        assert len(vs.search(vs._index.vectors[:2], k=3)[0].hits) == 3
+    rng = np.random.default_rng(2)
+    x = prepare(rng.standard_normal((3000, 64)).astype(np.float32), "cosine")
+    entry = backend_entry(str(tmp_path / "b.db"), "budget")
+    index = MilvusIndex.create("auto", "cosine", x, np.arange(3000), backend=entry, max_memory=300_000)  # codes only
+    assert index.spec.kind == "ivfsq8" and index.spec.measured["recall_at_10"] >= 0.9
+    index.committed()
+    assert MilvusIndex.load(index.spec, 64, x, np.arange(3000))[1]
+    release(entry["uri"])
