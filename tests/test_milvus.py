@@ -243,7 +243,8 @@ def test_the_service_searches_a_milvus_index(milvus_sample, sample_index):
 
 
 ODD_FILTERS = [{"big": 2**70}, {"": "empty key"}, {'k.e y"\'': "odd"}, {"ü": "ö"}, {"f": 1.5}, {"bool": True},
-               {"num": 3}, {"num": "3"}, {"label": ["L", "M"]}, {"null": None}, {"nested": {"x": 1}}]
+               {"num": 3}, {"num": "3"}, {"label": ["L", "M"]}, {"null": None}, {"nested": {"x": 1}},
+               {"k\\ey": "a\\b"}, {"k\ney": "line\nbreak"}, {"v": 'x") or (true'}, {"v": ['x") or (true', "y"]}]
 
 
 def test_odd_metadata_is_stored_and_filtered_alike_in_milvus_and_sqlite(tmp_path):
@@ -254,7 +255,8 @@ def test_odd_metadata_is_stored_and_filtered_alike_in_milvus_and_sqlite(tmp_path
         {"id": "a", "image": str(images[0]), "big": 2**70, "nested": {"x": [1, 2, {"y": None}]}, "": "empty key",
          'k.e y"\'': "odd", "ü": "ö", "f": 1.5},
         {"id": "b", "image": str(images[1]), "big": -2**63, "list": [], "bool": True, "null": None, "long": "x" * 70000},
-        {"id": "c", "image": str(images[2]), "label": "L", "num": 3},
+        {"id": "c", "image": str(images[2]), "label": "L", "num": 3, "k\\ey": "a\\b", "k\ney": "line\nbreak",
+         "v": 'x") or (true'},
     ]
     (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with VisualSearch.build(tmp_path / "c.jsonl", tmp_path / "m", backend="milvus", milvus_uri=tmp_path / "m.db") as m, \
@@ -270,6 +272,8 @@ def test_odd_metadata_is_stored_and_filtered_alike_in_milvus_and_sqlite(tmp_path
             assert _ids(m.search(query, k=3, filter=where)) == want, where
         assert _ids(m.search(query, k=3, filter={"big": 2**70})) == [["a"]]
         assert _ids(m.search(query, k=3, filter={'k.e y"\'': "odd"})) == [["a"]]
+        for where in ({"k\\ey": "a\\b"}, {"v": 'x") or (true'}):  # a backslash key; a value that looks like code
+            assert _ids(m.search(query, k=3, filter=where)) == [["c"]]
         assert m.search(query, k=3)[0].hits[0].metadata == f.search(query, k=3)[0].hits[0].metadata
 
 

@@ -651,7 +651,9 @@ class ItemTable:
             if not values:
                 return np.zeros(0, np.int64)
             marks = ",".join("?" * len(values))
-            if '"' in str(key):  # a JSON path cannot quote it: look the key up among the row's own
+            # A key a JSON path cannot quote (a double quote, a backslash, a control character) is
+            # looked up among the row's own keys instead.
+            if any(c in '"\\' or ord(c) < 0x20 for c in str(key)):
                 clauses.append(f"EXISTS (SELECT 1 FROM json_each(items.metadata) AS e WHERE e.key = ? AND e.value IN ({marks}))")
                 params.extend([str(key), *[_sql_value(v) for v in values]])
                 continue
