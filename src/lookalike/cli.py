@@ -14,9 +14,9 @@ import warnings
 from typing import Any
 
 from . import __version__
+from .backends import BACKENDS
 from .engine import VisualSearch
 from .errors import LookalikeError
-from .backends import BACKENDS
 from .index import KINDS, METRICS
 from .models import DEFAULT_FEATURES, DEFAULT_MODEL, POOLINGS, REGISTRY, TTAS, list_models
 from .runtimes import PRECISIONS, RUNTIMES

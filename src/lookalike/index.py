@@ -114,7 +114,7 @@ def check_k(k) -> None:
         raise QueryError(f"k must be a whole number >= 1, got {k!r}", subject=k)
 
 
-def _no_hits(n_queries: int):
+def no_hits(n_queries: int):
     """(scores, distances, int ids) of n queries that found nothing."""
     empty = np.zeros((n_queries, 0))
     return empty.astype(np.float32), empty.astype(np.float32), empty.astype(np.int64)
@@ -552,7 +552,7 @@ class VectorIndex:
         n_candidates = len(self.ids) if subset is None else int(np.isin(subset, self.ids).sum())
         kk = min(int(k), n_candidates)
         if kk == 0:
-            return _no_hits(len(queries))
+            return no_hits(len(queries))
         exact = self.spec.kind == "flat" or kk >= len(self.ids) or (subset is not None and n_candidates <= EXACT_SUBSET_MAX)
         if subset is not None and exact:
             distances, ids = self._exact(queries, kk, np.isin(self.ids, subset))

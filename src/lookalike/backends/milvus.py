@@ -41,7 +41,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import BackendError, IndexError_, QueryError
-from ..index import VectorIndex, _no_hits, check_k, check_vectors, plan_index, prepare
+from ..index import VectorIndex, check_k, check_vectors, no_hits, plan_index, prepare
 from ..types import IndexSpec
 
 INDEX_TYPES = {"flat": "FLAT", "hnsw": "HNSW", "ivf": "IVF_FLAT", "ivfsq8": "IVF_SQ8"}
@@ -416,7 +416,7 @@ class MilvusIndex(VectorIndex):
             subset = f"int_id in [{', '.join(str(int(i)) for i in subset)}]" if len(subset) else "int_id < 0"
         kk = min(int(k), len(self.ids))
         if kk == 0:
-            return _no_hits(len(queries))
+            return no_hits(len(queries))
         if kk > MAX_K:
             if subset is None and kk == len(self.ids):  # the whole catalog ranked: from the stored vectors
                 values, ids = self._exact(queries, kk, None)
