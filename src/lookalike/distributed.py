@@ -165,6 +165,17 @@ def _check_reachable(address: str) -> None:
                            "(`ray start --head`) or check the address", subject=address) from None
 
 
+def _start_local(ray, options: dict[str, Any]) -> None:
+    """A new Ray on this machine's CPUs: "local", or ray.init would join a cluster `ray start` left
+    running here (and refuse num_cpus). Its start is tried twice: on a busy machine the raylet
+    can miss Ray's 30 s to register."""
+    try:
+        ray.init(address="local", num_cpus=cpu_count(), **options)
+    except Exception:
+        ray.shutdown()
+        ray.init(address="local", num_cpus=cpu_count(), **options)
+
+
 def _connect(ray, address: str | None) -> bool:
     """Join ``address`` (or the Ray this process already has), else start a local one; True if started here."""
     if ray.is_initialized():
@@ -178,7 +189,7 @@ def _connect(ray, address: str | None) -> bool:
         if address:
             ray.init(address=address, **options)
         else:
-            ray.init(num_cpus=cpu_count(), **options)
+            _start_local(ray, options)
     except Exception as exc:  # ConnectionError, RuntimeError, ValueError: Ray's own, by version
         hint = ("; a cluster with token authentication also needs RAY_AUTH_MODE=token here, and its token "
                 "(RAY_AUTH_TOKEN, or ~/.ray/auth_token)" if address and address != "auto" else "")
