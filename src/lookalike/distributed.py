@@ -41,7 +41,8 @@ DECODE_CPUS = 0.25  # logical CPUs a decode task asks for: decoding is light bes
 
 
 def _decode(batch: dict[str, np.ndarray], spec: ModelSpec, policy: ImagePolicy, cwd: str) -> dict[str, np.ndarray]:
-    """A block of images -> their model inputs (zeros where unreadable) and errors (None where read).
+    """A block of images -> their crops (zeros where unreadable) and errors (class name and message;
+    empty where read).
 
     Relative image paths are the catalog's, relative to the driver's folder: the worker works
     there too where that folder exists (so errors read as the single-process build's)."""
@@ -76,9 +77,13 @@ class _Featurize:
             handle, model_file = tempfile.mkstemp(suffix=".onnx", prefix="lookalike-int8-")
             with os.fdopen(handle, "wb") as f:
                 f.write(ray.get(model_ref))
-        self.featurizer = Featurizer(spec, weights, device=device, batch_size=batch_size, threads=1, policy=policy,
-                                     runtime=runtime if device == "cpu" else "auto",
-                                     precision=precision if device == "cpu" else "fp32", model_file=model_file)
+        try:
+            self.featurizer = Featurizer(spec, weights, device=device, batch_size=batch_size, threads=1, policy=policy,
+                                         runtime=runtime if device == "cpu" else "auto",
+                                         precision=precision if device == "cpu" else "fp32", model_file=model_file)
+        finally:
+            if model_file is not None:  # the runtime holds the model now
+                os.unlink(model_file)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error_kind"] == ""
