@@ -953,13 +953,9 @@ def _backend_entry(backend: str, milvus_uri: str | None, collection: str | None,
     if not milvus_uri:
         raise IndexError_("--backend milvus needs --milvus-uri: a Milvus Lite file (e.g. catalog.db) or a server "
                           "address (e.g. http://localhost:19530)")
-    from .backends.milvus import INDEX_TYPES, backend_entry, client, default_collection
+    from .backends.milvus import backend_entry, check_offered, client, default_collection
 
-    if kind not in (*INDEX_TYPES, "auto"):
-        raise IndexError_(f"index kind {kind} is not offered with the milvus backend; use one of "
-                          f"{', '.join(INDEX_TYPES)} (or a memory budget)", subject=kind)
-    if whiten:
-        raise IndexError_("whitening is not offered with the milvus backend (it is FAISS's own transform)", subject=whiten)
+    check_offered(kind, whiten)
     entry = backend_entry(milvus_uri, collection or default_collection(path))
     client(entry["uri"])  # unreachable, or held by another process: said now, not after featurizing
     return entry

@@ -234,7 +234,7 @@ class MilvusIndex(VectorIndex):
         self.ids = np.ascontiguousarray(ids, dtype=np.int64)
         if len(self.vectors) != len(self.ids):
             raise IndexError_(f"{len(self.vectors)} vectors but {len(self.ids)} ids")
-        _check_offered(spec)
+        check_offered(spec.kind, spec.params.get("whiten", 0))  # a planned spec: never kind auto
         self.uri, self.collection = spec.backend["uri"], spec.backend["collection"]
         client(self.uri)  # reached now: a wrong address fails here
         self._pending_removal: list[int] = []
@@ -266,9 +266,7 @@ class MilvusIndex(VectorIndex):
                metadata: list[dict] | None = None) -> "MilvusIndex":
         """Plan as FAISS would (``index.plan_index``) and fill a staging collection; ``committed``
         gives it its name."""
-        if whiten:
-            raise IndexError_("whitening is not offered with the milvus backend (it is FAISS's own transform)",
-                              subject=whiten)
+        check_offered(kind, whiten)
         vectors = np.asarray(vectors, dtype=np.float32)
         spec = replace(plan_index(kind, metric, len(vectors), vectors.shape[1], 0, max_memory), backend=dict(backend))
         built = cls(spec, vectors.shape[1], vectors, ids, metadata=metadata)
@@ -445,9 +443,12 @@ class MilvusIndex(VectorIndex):
         return values, ids
 
 
-def _check_offered(spec: IndexSpec) -> None:
-    if spec.kind not in INDEX_TYPES:
-        raise IndexError_(f"index kind {spec.kind} is not offered with the milvus backend (its PCA and exact "
-                          f"re-ranking are lookalike's own); use one of {', '.join(INDEX_TYPES)}", subject=spec.kind)
-    if spec.params.get("whiten"):
-        raise IndexError_("whitening is not offered with the milvus backend (it is FAISS's own transform)")
+def check_offered(kind: str, whiten: int = 0) -> None:
+    """IndexError_ for what this backend does not offer: ivfpq (PCA and exact re-ranking are
+    lookalike's own) and whitening (FAISS's own transform). Kind ``auto`` chooses among the rest."""
+    if kind not in (*INDEX_TYPES, "auto"):
+        raise IndexError_(f"index kind {kind} is not offered with the milvus backend (its PCA and exact "
+                          f"re-ranking are lookalike's own); use one of {', '.join(INDEX_TYPES)} (or a memory budget)",
+                          subject=kind)
+    if whiten:
+        raise IndexError_("whitening is not offered with the milvus backend (it is FAISS's own transform)", subject=whiten)
