@@ -1,4 +1,4 @@
-"""The `lookalike` command line: build, search, add, remove, info, doctor, classify, evaluate, models, serve, camera.
+"""The `lookalike` command line: build, search, add, remove, info, doctor, classify, evaluate, finetune, models, serve, camera.
 
 Human-readable output by default, ``--json`` for machines. Expected failures print
 ``error: <message>`` to stderr and exit 2; anything unexpected exits 1 (traceback with --debug).
@@ -27,8 +27,9 @@ def _progress_factory(args):
         return None
     from tqdm import tqdm
 
-    def factory(total: int):
-        return tqdm(total=total, unit="img", desc="featurizing", file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
+    def factory(total: int, what: str = "featurizing"):
+        return tqdm(total=total, unit="img", desc=what, file=sys.stderr, mininterval=0.5, dynamic_ncols=True,
+                    leave=what == "featurizing")
 
     return factory
 
@@ -157,6 +158,7 @@ def cmd_info(args) -> int:
     rows = [
         ("path", info["path"]),
         ("model", f"{info['model']} (weights sha256 {str(info['weights_sha256'])[:12]})"),
+        *([("fine-tuned", _describe_finetuned(info["finetuned"]))] if info["finetuned"] else []),
         ("dimension", info["dim"]),
         ("metric", info["metric"]),
         ("features", f"{info['features']['pooling']} pooling, crop {info['preprocessing'].get('crop_pct')}, "
@@ -190,6 +192,12 @@ def _describe_local(entry: dict | None) -> str:
     if not entry:
         return "none (searches are not verified geometrically; build with --local-features)"
     return f"{entry['kind']}, up to {entry['max_points']} per image at {entry['size']} px: searches verify their best candidates"
+
+
+def _describe_finetuned(entry: dict[str, Any]) -> str:
+    recall = entry.get("val_recall_at_1")
+    return (f"from {entry['base']} on field {entry.get('label')} of {entry.get('catalog')}, {entry['head_dim']}-d head"
+            + (f", validation recall@1 {recall:.4f}" if isinstance(recall, (int, float)) else ""))
 
 
 def cmd_reindex(args) -> int:
@@ -241,6 +249,28 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    bars = _progress_factory(args)
+    say = None if args.json or args.quiet else print
+    report = VisualSearch.finetune(
+        args.catalogs, args.output, label=args.label, model=args.model, epochs=args.epochs, device=args.device,
+        dim=args.dim, views=args.views, backgrounds=args.backgrounds, val_fraction=args.val_fraction, seed=args.seed,
+        force=args.force, say=say, progress=(lambda total, what: bars(total, what)) if bars else None,
+    )
+    if args.json:
+        _print_json(report.to_dict())
+        return 0
+    for skipped in report.skipped[:20]:
+        print(f"  not learned from {skipped['id']}: {skipped['reason']}")
+    if len(report.skipped) > 20:
+        print(f"  ... and {len(report.skipped) - 20} more")
+    print(f"model written to {report.model_dir}: validation recall@1 {report.val_recall_at_1:.4f} at epoch "
+          f"{report.best_epoch} (before: {report.val_recall_at_1_before:.4f}), {report.train_items} training items, "
+          f"{report.labels} labels, {report.seconds:.0f} s; use it with `lookalike build CATALOG -o INDEX "
+          f"--model {report.model_dir}`")
+    return 0
+
+
 def cmd_models(args) -> int:
     if args.json:
         _print_json({name: spec.to_dict() for name, spec in sorted(REGISTRY.items())})
@@ -250,6 +280,7 @@ def cmd_models(args) -> int:
         default = " (default)" if name == DEFAULT_MODEL else ""
         desc = spec.description if spec else "any timm model, e.g. timm:convnext_tiny (weights via --weights or hub)"
         print(f"{name:<22}{desc}{default}")
+    print(f"{'MODEL_DIR':<22}a model directory written by `lookalike finetune`")
     return 0
 
 
@@ -465,6 +496,29 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--orient", action="store_true", help=ORIENT_HELP)
     p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("finetune", parents=[common], help="train a model on a labelled catalog (metric learning), "
+                       "written as a model directory that `build --model` uses")
+    p.add_argument("catalogs", nargs="+", metavar="CATALOG", help="one or more labelled catalogs (e.g. the catalog "
+                   "and labelled shop photos of its items)")
+    p.add_argument("--label", required=True, metavar="FIELD", help="the metadata field that says which items are "
+                   "alike (e.g. label, category)")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL_DIR", help="the model directory to write")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"the model to start from (default {DEFAULT_MODEL})")
+    p.add_argument("--epochs", type=_positive_int, default=10, help="passes over the training items (default 10); "
+                   "the epoch with the best validation recall@1 is kept")
+    p.add_argument("--dim", type=_positive_int, default=512, help="length of the feature vector it makes (default 512)")
+    p.add_argument("--views", type=_positive_int, default=8, help="model inputs made of each image: the clean one, "
+                   "its mirror image and camera-like augmentations (default 8)")
+    p.add_argument("--backgrounds", metavar="DIR", help="a folder of background photos: half the augmentations then "
+                   "paste the catalog picture into them (perspective, 10-60%% of the frame, glare, blur), as a "
+                   "camera photo shows an item")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="share of each label (with 3 items or more) held "
+                   "out to measure recall@1 (default 0.15)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the augmentations and the training")
+    p.add_argument("--force", action="store_true", help="replace a model at MODEL_DIR even if it measured better, "
+                   "or write into a directory that holds something else")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("models", parents=[common], help="list the models that can be used")
     p.set_defaults(func=cmd_models)

@@ -1,4 +1,4 @@
-"""VisualSearch: the one object every front end calls (build, open, search, add, remove, classify, evaluate).
+"""VisualSearch: the one object every front end calls (build, open, search, add, remove, classify, evaluate, finetune).
 
 It is the only module that knows all the others: it reads catalogs, runs the featurizer,
 keeps the vector index and the item table of one index directory in step, and turns FAISS
@@ -30,15 +30,19 @@ from .checkpoint import SHARD_ITEMS, BuildCheckpoint, fingerprint
 from .errors import BackendError, CatalogError, ClusterError, ImageError, IndexError_, ModelError, QueryError, StoreError
 from .evaluate import combine, per_query
 from .featurizer import TURNS, Featurizer, cpu_count, make_int8_model
+from .finetune import HEAD_DIM, VAL_FRACTION, VIEWS, FinetuneReport
+from .finetune import finetune as finetune_model
 from .images import DEFAULT_POLICY, ImagePolicy, describe, load_image
 from .backends import create_index, index_class, load_index
 from .index import IndexWarning, check_spec, check_vectors, parse_size, plan_for_memory, prepare
 from .local import LOCAL_ENTRY, MIN_INLIERS, LocalFeatures
 from .local import extract as extract_local
 from .local import inliers as local_inliers
-from .models import DEFAULT_MODEL, Weights, file_sha256, get_spec, resolve_weights, spec_from_manifest, with_features
+from .models import (DEFAULT_MODEL, Weights, file_sha256, get_spec, read_model_config, resolve_weights,
+                     spec_from_manifest, with_features)
 from .runtimes import check_choice, native_bf16
 from .store import IndexDir, ItemTable
+from .synthetic import backgrounds_in
 from .types import Hit, IndexSpec, Item, ModelSpec, SearchResult
 
 QE_ALPHA = 3.0  # query expansion: a neighbour's weight is its score to the query ** QE_ALPHA
@@ -278,6 +282,54 @@ class VisualSearch:
             vs._featurizer = featurizer
         vs.build_report = report
         return vs
+
+    @classmethod
+    def finetune(
+        cls,
+        catalogs: str | os.PathLike | Sequence[str | os.PathLike] | Sequence[Item],
+        out: str | os.PathLike,
+        *,
+        label: str = "label",
+        model: str = DEFAULT_MODEL,
+        epochs: int = 10,
+        device: str = "cpu",
+        dim: int = HEAD_DIM,
+        views: int = VIEWS,
+        backgrounds: str | os.PathLike | None = None,
+        val_fraction: float = VAL_FRACTION,
+        seed: int = 0,
+        force: bool = False,
+        progress: bool | Callable[[int, str], Any] | None = None,
+        say: Callable[[str], None] | None = None,
+        policy: ImagePolicy = DEFAULT_POLICY,
+    ) -> FinetuneReport:
+        """Fine-tune ``model`` on one or more labelled catalogs (their items grouped by the metadata
+        field ``label``) and write a model directory at ``out``, which ``build(model=out)`` uses.
+
+        ``backgrounds``: a folder of background photos; half the training views are then the
+        catalog pictures pasted into them as synthetic camera photos. ``progress``: True for tqdm
+        bars, or ``callable(total, what)`` returning an object with ``update(n)`` and ``close()``;
+        ``say(line)`` gets the validation recall@1 before training and after each epoch. The
+        recipe, the split and the directory's format are in ``finetune``'s docstring.
+        """
+        if isinstance(catalogs, (str, os.PathLike)):
+            catalogs = [catalogs]
+        catalogs = list(catalogs)
+        if catalogs and all(isinstance(c, Item) for c in catalogs):
+            items, name = _items(catalogs), "<items>"
+        else:
+            items = [it for c in catalogs for it in _items(c)]
+            name = ", ".join(_name(c) for c in catalogs) or "<no catalog>"
+        if progress is True:
+            from tqdm import tqdm
+
+            progress = lambda total, what: tqdm(total=total, desc=what, unit="img", mininterval=0.5,  # noqa: E731
+                                                dynamic_ncols=True, leave=False)
+        return finetune_model(
+            items, out, label=label, base=model, catalog_name=name, epochs=epochs, device=device, head_dim=dim,
+            views=views, backgrounds=backgrounds_in(backgrounds) if backgrounds else (), val_fraction=val_fraction,
+            seed=seed, force=force, policy=policy, progress=progress or None, say=say,
+        )
 
     @classmethod
     def doctor(cls, path: str | os.PathLike, *, repair: bool = True) -> dict[str, Any]:
@@ -918,6 +970,7 @@ class VisualSearch:
             "runtime": m["model"].get("runtime", "onnxruntime"),  # what built it; queries choose their own
             "precision": m["model"].get("precision", "fp32"),
             "local_features": m.get("local_features"),
+            "finetuned": m["model"].get("finetuned"),  # a model directory's base, head and what it learned from
             "created_at": m.get("created_at"),
             "updated_at": m.get("updated_at"),
             "format_version": m["format_version"],
@@ -1100,6 +1153,11 @@ def _model_entry(spec: ModelSpec, weights: Weights, featurizer: Featurizer, mode
         "runtime": featurizer.runtime,
         "precision": featurizer.precision,
     }
+    if spec.head_dim:  # a model directory: enough to open the index without it, and where it came from
+        config = read_model_config(spec.name)
+        entry["finetuned"] = {"base": config["base"], "head_dim": spec.head_dim, "label": config.get("label"),
+                              "catalog": config.get("catalog", {}).get("name"),
+                              "val_recall_at_1": config.get("metrics", {}).get("val_recall_at_1")}
     if model_file is not None:
         entry["model_file"] = {"name": model_file.name, "sha256": file_sha256(model_file),
                                "size": model_file.stat().st_size, "calibration_images": calibrated}

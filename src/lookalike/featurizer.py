@@ -29,7 +29,7 @@ from .models import Weights, create_torch_model
 from .runtimes import cache_dir, cpu_count
 from .types import ModelSpec
 
-__all__ = ["Featurizer", "FeaturizeResult", "TURNS", "cache_dir", "cpu_count", "export_onnx", "load_pixels",
+__all__ = ["Featurizer", "FeaturizeResult", "TURNS", "cache_dir", "cpu_count", "export_module", "export_onnx", "load_pixels",
            "make_int8_model", "onnx_model", "onnx_path", "preprocess"]
 
 EXPORT_VERSION = 3  # bump when the export settings change, so cached files are remade
@@ -338,7 +338,8 @@ def onnx_model(spec: ModelSpec, weights: Weights) -> Path:
 
 def onnx_path(spec: ModelSpec, weights: Weights) -> Path:
     """Where the exported model is cached: keyed by model, weights hash, input size, pooling, export version."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in spec.name)
+    name = f"ft-{Path(spec.name).name}" if spec.weights_file else spec.name  # a model directory: by its name
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
     pooling = "" if spec.pooling == "avg" else f"-{spec.pooling}"
     key = f"{safe}-{weights.sha256[:16]}-{spec.input_size}px{pooling}-v{EXPORT_VERSION}.onnx"
     return cache_dir() / "onnx" / key
@@ -346,11 +347,17 @@ def onnx_path(spec: ModelSpec, weights: Weights) -> Path:
 
 def export_onnx(spec: ModelSpec, weights: Weights, path: Path) -> None:
     """Export the spec's feature model to ONNX at ``path``, atomically (temp file + rename)."""
+    export_module(create_torch_model(spec, weights), spec.input_size, path, spec.name)
+
+
+def export_module(model, size: int, path: Path, name: str) -> None:
+    """Export a torch module of input float32 [n, 3, size, size] (``pixels``, output ``features``)
+    to ONNX at ``path``, atomically; ModelError naming ``name`` if it fails."""
     import torch
 
-    model = _static_same_padding(create_torch_model(spec, weights), spec.input_size)
+    model = _static_same_padding(model, size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.zeros(1, 3, spec.input_size, spec.input_size)
+    example = torch.zeros(1, 3, size, size)
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".onnx.tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -366,7 +373,7 @@ def export_onnx(spec: ModelSpec, weights: Weights, path: Path) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except Exception as exc:
-        raise ModelError(f"{spec.name}: export to ONNX failed ({type(exc).__name__}: {exc})", subject=spec.name) from exc
+        raise ModelError(f"{name}: export to ONNX failed ({type(exc).__name__}: {exc})", subject=name) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

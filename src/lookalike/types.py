@@ -71,7 +71,8 @@ class ModelSpec:
     with ``interpolation``, centre-crop ``input_size``, scale to [0, 1], subtract ``mean`` and
     divide by ``std`` per channel. ``pooling`` turns the last feature map into the vector
     (``avg``, or ``gem``: generalized mean with p = 3); ``tta`` = ``flip`` averages the features
-    of the image and of its mirror image.
+    of the image and of its mirror image. A model directory (``lookalike finetune``) is named by
+    its path and carries its own ``weights_file``, and its ``head_dim`` projection.
     """
 
     name: str
@@ -87,6 +88,8 @@ class ModelSpec:
     description: str = ""
     pooling: str = "avg"  # avg | gem
     tta: str = "none"  # none | flip
+    head_dim: int = 0  # a fine-tuned model's linear projection of the pooled features (0: none)
+    weights_file: str | None = None  # a model directory's own weights (``lookalike finetune``)
 
     @property
     def resize_size(self) -> int:
