@@ -9,8 +9,10 @@ features, so that epoch 0 is the pretrained model.
 How it stays fast on a CPU: every image is decoded once and turned into ``views`` model inputs,
 the clean one (as ``build`` preprocesses it), its mirror image and camera-like augmentations
 (a perspective crop of 35-100 % of the picture, rotation, colour and light changes, blur,
-glare). The trunk runs once on each view (ONNX Runtime on the CPU) and its outputs stay in
-memory as float16, so an epoch runs only the small tail, on one random view of each item.
+glare). With ``backgrounds`` every other augmentation is a synthetic camera photo instead: the
+picture pasted into a real background photo (``synthetic.camera_photo``). The trunk runs once on
+each view (ONNX Runtime on the CPU) and its outputs stay in memory as float16, so an epoch runs
+only the small tail, on one random view of each item.
 
 The loss is proxy-anchor (Kim et al., CVPR 2020): one learned proxy per label, every item pulled
 towards its label's proxy and pushed from the others, with the hard examples weighted most.
@@ -18,15 +20,17 @@ towards its label's proxy and pushed from the others, with the hard examples wei
 A validation split (``val_fraction`` of each label that has at least 3 items, by ``seed``) is
 searched against the training items with the features ``build`` would make (the clean view and
 its mirror image averaged): its recall@1 before training and after every epoch is reported, and
-the best epoch is what is saved.
+the best epoch is what is saved. A catalog where no label has 3 items (a shop's catalog, one
+picture per item, ``--label id``) holds out each item's last view instead (a synthetic camera
+photo when there are backgrounds) and searches it against all the items.
 
 A model directory holds ``models.MODEL_CONFIG`` (base model, head, preprocessing, the label and
 catalog it learned from, the metrics it reached, each epoch's history) and its weights
 (``weights-<sha>.safetensors``: the backbone and the head). The config is written last, by
 rename, so a crash leaves the previous model whole; a model with a better validation recall is
 replaced only with ``force``, and the weights of a replaced model stay (indexes built with it
-still featurize their queries with them). ``lookalike build --model MODEL_DIR`` and the rest use it like any
-other model; its ONNX export is cached like theirs.
+still featurize their queries with them). ``lookalike build --model MODEL_DIR`` and the rest use
+it like any other model; its ONNX export is cached like theirs.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ MIN_VAL_LABEL = 3  # a label needs this many items to give one to the validation
 BATCH = 32
 LR_TAIL, LR_HEAD, LR_PROXY = 5e-4, 5e-3, 1e-2
 TAIL_STAGES = 1  # EfficientNet block stages that train
+PCA_SAMPLE = 4096  # views the projection head's initial directions are learned from
 MARGIN, ALPHA = 0.1, 32.0  # proxy-anchor's margin and scale, as its paper
 TRUNK_VERSION = 1  # bump when the trunk export changes, so cached files are remade
 
@@ -145,6 +150,12 @@ def finetune(
     train = [i for i in train if i in position]
     val = [i for i in val if i in position]
     names = _check_split(labelled, train, val, label, catalog_name)
+    held_view = not val  # no label can spare an item: each item's last view is held out instead
+    if held_view:
+        if views < 3:
+            raise ModelError(f"{catalog_name}: no label has {MIN_VAL_LABEL} items to validate on, so a view of each "
+                             "item is held out instead, which needs views of at least 3", subject=views)
+        val = list(train)
     classes = {name: c for c, name in enumerate(names)}
     y_train = np.array([classes[labelled[i][1]] for i in train])
     val_names = [labelled[i][1] for i in val]
@@ -153,21 +164,27 @@ def finetune(
     train_pos = np.array([position[i] for i in train])
     val_pos = np.array([position[i] for i in val])
 
+    last = feats.shape[1] - 1
+    val_views = feats_t[val_pos][:, [last, last]] if held_view else feats_t[val_pos, :2]
+    trained_views = feats.shape[1] - held_view
+    validation = "a held-out view of each item" if held_view else "held-out items"
+
     tail.to(dev)
-    head = _pca_head(tail, feats_t[train_pos, :2], head_dim, dev)
+    head = _pca_head(tail, feats_t[train_pos, :trained_views], head_dim, dev, seed)
     net = embedding_net(model, head_dim)
     net.head = head
     names_train = [labelled[i][1] for i in train]
 
     def val_recall() -> float:
         g = _embed(tail, head, feats_t[train_pos, :2], dev)
-        q = _embed(tail, head, feats_t[val_pos, :2], dev)
+        q = _embed(tail, head, val_views, dev)
         nearest = (q @ g.T).argmax(axis=1)
         return float(np.mean([names_train[j] == n for j, n in zip(nearest, val_names)]))
 
     before = val_recall()
     say(f"epoch 0 (before training): validation recall@1 {before:.4f} "
-        f"({len(train)} training items, {len(val)} validation items, {len(names)} labels)")
+        f"({len(train)} training items, {len(names)} labels; validation: "
+        + (f"{validation})" if held_view else f"{len(val)} {validation})"))
     history = [{"epoch": 0, "loss": None, "val_recall_at_1": round(before, 4), "seconds": 0.0}]
     best, best_epoch, best_state = before, 0, _state(net)
 
@@ -192,7 +209,7 @@ def finetune(
             chosen = order[s:s + BATCH]
             if len(chosen) < 2:
                 continue
-            view = rng.integers(0, feats.shape[1], len(chosen))
+            view = rng.integers(0, trained_views, len(chosen))
             x = feats_t[train_pos[chosen], view].to(dev, torch.float32)
             z = torch.nn.functional.normalize(head(tail(x)), dim=1)
             loss = _proxy_anchor(z, labels_t[chosen], proxies)
@@ -231,11 +248,11 @@ def finetune(
         "preprocessing": spec.preprocessing(),
         "features": spec.features(),
         "label": label,
-        "labels": names,
-        "catalog": {"name": catalog_name, "items": len(items), "learned_from": len(train) + len(val)},
+        "labels": names if len(names) <= 1000 else len(names),
+        "catalog": {"name": catalog_name, "items": len(items), "learned_from": len(set(train) | set(val))},
         "training": {"trains": _TRAINS[_family(model)], "loss": "proxy-anchor", "margin": MARGIN, "alpha": ALPHA,
                      "epochs": epochs, "views": views, "synthetic_views": bool(backgrounds), "batch": BATCH,
-                     "device": device, "seed": seed, "val_fraction": val_fraction},
+                     "device": device, "seed": seed, "val_fraction": val_fraction, "validation": validation},
         "metrics": {"val_recall_at_1": round(best, 4), "val_recall_at_1_before": round(before, 4),
                     "best_epoch": best_epoch, "train_items": len(train), "val_items": len(val)},
         "history": history,
@@ -286,7 +303,7 @@ def _labelled(items: Sequence[Item], label: str) -> tuple[list[tuple[Item, str]]
         raise CatalogError("fine-tuning needs a catalog with items", subject="catalog")
     out, skipped = [], []
     for it in items:
-        value = it.metadata.get(label, it.label if label == "label" else None)
+        value = it.id if label == "id" else it.metadata.get(label, it.label if label == "label" else None)
         if value is None or str(value).strip() == "":
             skipped.append({"id": it.id, "reason": f"no {label}"})
         else:
@@ -299,11 +316,10 @@ def _labelled(items: Sequence[Item], label: str) -> tuple[list[tuple[Item, str]]
 
 def _check_split(labelled, train: list[int], val: list[int], label: str, catalog_name: str) -> list[str]:
     """The labels to learn, sorted; CatalogError if there is too little to learn or to measure."""
-    names = sorted({labelled[i][1] for i in train})
-    if len(names) < 2 or not val:
-        raise CatalogError(f"{catalog_name}: fine-tuning needs at least 2 labels in field {label!r}, some with "
-                           f"{MIN_VAL_LABEL} or more readable items (found {len(names)} labels, {len(val)} items to "
-                           "validate on)", subject=catalog_name)
+    names = sorted({labelled[i][1] for i in train + val})
+    if len(names) < 2:
+        raise CatalogError(f"{catalog_name}: fine-tuning needs at least 2 labels in field {label!r} (found "
+                           f"{len(names)})", subject=catalog_name)
     return names
 
 
@@ -369,11 +385,18 @@ def _train_mode(tail, head) -> None:
             m.eval()
 
 
-def _pca_head(tail, feats, dim: int, dev):
-    """A bias-free linear layer onto the ``dim`` principal directions of the tail's features of ``feats``."""
+def _pca_head(tail, feats, dim: int, dev, seed: int):
+    """A bias-free linear layer onto the ``dim`` principal directions of the tail's features of
+    ``feats`` [items, views, C, H, W] (all views, so a small catalog still has directions enough;
+    up to PCA_SAMPLE of them)."""
     import torch
 
-    x = _embed(tail, None, feats, dev, normalized=False)
+    flat = feats.flatten(0, 1)
+    pick = np.sort(np.random.default_rng(seed).permutation(len(flat))[:PCA_SAMPLE])
+    tail.eval()
+    with torch.no_grad():
+        x = np.concatenate([tail(flat[pick[s:s + 256]].to(dev, torch.float32)).cpu().numpy()
+                            for s in range(0, len(pick), 256)])
     width = x.shape[1]
     if dim > width:
         raise ModelError(f"head dimension {dim} is larger than the model's {width} features", subject=dim)
@@ -382,7 +405,7 @@ def _pca_head(tail, feats, dim: int, dev):
     basis = np.zeros((dim, width), np.float32)
     rows = min(dim, vt.shape[0])
     basis[:rows] = vt[:rows]
-    if rows < dim:  # fewer items than dimensions: the rest stays random and orthogonal enough
+    if rows < dim:  # fewer views than dimensions: the rest stays random and orthogonal enough
         basis[rows:] = np.random.default_rng(0).standard_normal((dim - rows, width)) / math.sqrt(width)
     head = torch.nn.Linear(width, dim, bias=False).to(dev)
     with torch.no_grad():
@@ -438,6 +461,12 @@ def _trunk_views(trunk, spec: ModelSpec, weights, sources: list, views: int, see
     """Trunk outputs of ``views`` views of each readable source: float16 [n, views, C, H, W],
     the positions of the readable sources, and (position, error) of the others."""
     run = _trunk_runner(trunk, spec, weights, device)
+    per_view = 2 * int(np.prod(run(np.zeros((1, 3, spec.input_size, spec.input_size), np.float32)).shape))
+    need, have = per_view * views * len(sources), _memory_bytes()
+    if need > have // 2:
+        raise ModelError(f"caching {views} views of {len(sources)} images takes {need / 2**30:.1f} GiB, more than "
+                         f"half this machine's {have / 2**30:.1f} GiB; pass fewer views or fine-tune on a sample "
+                         "of the catalog", subject=len(sources))
     bar = progress(len(sources), "decoding and caching views") if progress else None
 
     def make(i: int):
@@ -478,6 +507,13 @@ def _trunk_views(trunk, spec: ModelSpec, weights, sources: list, views: int, see
     if not feats:
         raise CatalogError(f"none of the {len(sources)} images could be read", subject="catalog")
     return np.stack(feats), kept, errors
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return 8 << 30
 
 
 def _trunk_runner(trunk, spec: ModelSpec, weights, device: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -525,7 +561,7 @@ def camera_views(img, spec: ModelSpec, views: int, rng: np.random.Generator,
     out = [clean, np.ascontiguousarray(clean[:, ::-1])]
     pixels = np.asarray(img)
     for k in range(views - 2):
-        if backgrounds and k % 2 == 0:
+        if backgrounds and k % 2 == (views - 3) % 2:  # the last view is one (the held-out view, if any)
             photo, _ = camera_photo(pixels, backgrounds, False, rng)
             out.append(crop(Image.fromarray(photo), spec))
         else:
