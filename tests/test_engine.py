@@ -465,3 +465,37 @@ def test_add_keeps_ivf_centroids_and_reindex_learns_them_again(tmp_path):
     p1_after = vs.evaluate(leave_one_out=True, ks=[1])["precision@1"]
     assert p1_after >= 0.75 and abs(p1_after - p1_before) < 0.03, (p1_before, p1_after)
     vs.close()
+
+
+def test_regions_find_an_item_that_fills_only_part_of_a_camera_frame(tmp_path):
+    """regions: the query's corners and centre are searched too, each item scored by its best
+    region. Synthetic camera photos (lookalike.synthetic: the catalog picture pasted into a real
+    background, 10-60 % of the frame) of the grocery catalog pictures."""
+    import csv
+
+    from lookalike.synthetic import backgrounds_in, camera_photo
+
+    vs = VisualSearch.build(DATA / "grocery" / "catalog.csv", tmp_path / "g")
+    rows = list(csv.DictReader(open(DATA / "grocery" / "catalog.csv")))[::2]  # 41 products
+    backgrounds, rng = backgrounds_in(DATA / "backgrounds"), np.random.default_rng(7)
+    queries = []
+    for row in rows:
+        picture = np.asarray(Image.open(DATA / "grocery" / row["image"]).convert("RGB"))
+        path = tmp_path / f"{row['id']}.jpg"
+        Image.fromarray(camera_photo(picture, backgrounds, False, rng)[0]).save(path, quality=90)
+        queries.append([row["id"], str(path), row["label"]])
+    query_csv = write_csv(tmp_path / "q.csv", ["id", "image", "label"], queries)
+
+    whole, regions = vs.evaluate(query_csv, ks=(1, 5)), vs.evaluate(query_csv, ks=(1, 5), regions=True)
+    assert regions["recall@1"] >= whole["recall@1"] + 0.15, (whole, regions)  # measured 0.585 -> 0.902 (41 photos)
+    assert regions["recall@5"] >= whole["recall@5"]
+    # search() ranks as evaluate() does, and a hit's score is its best region's
+    first = vs.search(queries[0][1], k=5, regions=True)
+    assert [h.rank for h in first.hits] == [1, 2, 3, 4, 5] and len({h.id for h in first.hits}) == 5
+    assert all(a.score >= b.score for a, b in zip(first.hits, first.hits[1:]))
+    assert first.hits[0].score >= vs.search(queries[0][1], k=1).hits[0].score
+    turned = vs.search(queries[0][1], k=5, regions=True, orient=True)  # an upright photo keeps its turn
+    assert [h.id for h in turned.hits] == [h.id for h in first.hits]
+    # a vector query is the same in every region: the same hits as without regions
+    vector = vs.featurize(queries[1][1])[0]
+    assert [h.id for h in vs.search(vector, k=5, regions=True).hits] == [h.id for h in vs.search(vector, k=5).hits]

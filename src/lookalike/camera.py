@@ -311,6 +311,7 @@ def run_camera(
     out: IO[str] | None = None,
     err: IO[str] | None = None,
     orient: bool = False,
+    regions: bool = False,
 ) -> int:
     """Search ``vs`` with frames of ``source`` until it ends; the exit code (0).
 
@@ -319,7 +320,8 @@ def run_camera(
     ``{"queries": N, "seconds": S, "queries_per_s": Q}``. A one-line summary goes to ``err``
     (default stderr) in both modes. Raises LookalikeError when OpenCV, the window or the
     source cannot be used. ``orient``: also try each frame turned by 90/180/270 degrees
-    (a camera held on its side or pointing down).
+    (a camera held on its side or pointing down). ``regions``: also search with regions of the
+    frame (``VisualSearch.search``), for an item that fills only part of it.
     """
     out = out or sys.stdout
     err = err or sys.stderr
@@ -366,7 +368,7 @@ def run_camera(
             due = (now - last_query_wall >= every - 1e-3) if live else (pos - last_query_pos >= every - 5e-4)
             if due:
                 t_query = time.perf_counter()
-                result = vs.search(to_rgb(cv2, frame), k=k, orient=orient)
+                result = vs.search(to_rgb(cv2, frame), k=k, orient=orient, regions=regions)
                 ms = (time.perf_counter() - t_query) * 1000.0
                 queries += 1
                 latency_total += ms

@@ -17,6 +17,7 @@ from . import __version__
 from .backends import BACKENDS
 from .engine import VisualSearch
 from .errors import LookalikeError
+from .finetune import HEAD_DIM, VAL_FRACTION, VIEWS
 from .index import KINDS, METRICS
 from .models import DEFAULT_FEATURES, DEFAULT_MODEL, POOLINGS, REGISTRY, TTAS, list_models
 from .runtimes import PRECISIONS, RUNTIMES
@@ -92,6 +93,7 @@ def cmd_search(args) -> int:
     vs = VisualSearch.open(args.index_dir, device=args.device, runtime=args.runtime)
     filt = _parse_filter(args.filter)
     results = vs.search(list(args.queries), k=args.k, filter=filt, expand=args.expand, orient=args.orient,
+                        regions=args.regions,
                         verify=False if args.no_verify else None)
     if args.json:
         _print_json([r.to_dict() | {"query": q} for r, q in zip(results, args.queries)])
@@ -239,6 +241,7 @@ def cmd_evaluate(args) -> int:
         raise LookalikeError(f"-k must be a comma-separated list of whole numbers, got {args.k!r}") from None
     result = vs.evaluate(args.queries, label=args.label, ks=ks, leave_one_out=args.leave_one_out,
                          expand=args.expand, orient=args.orient, verify=False if args.no_verify else None,
+                         regions=args.regions,
                          progress=_progress_factory(args))
     if args.json:
         _print_json(result)
@@ -250,12 +253,12 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    bars = _progress_factory(args)
+    bars = _progress_factory(args)  # one bar for caching the views, then one per epoch
     say = None if args.json or args.quiet else print
     report = VisualSearch.finetune(
         args.catalogs, args.output, label=args.label, model=args.model, epochs=args.epochs, device=args.device,
         dim=args.dim, views=args.views, backgrounds=args.backgrounds, val_fraction=args.val_fraction, seed=args.seed,
-        force=args.force, say=say, progress=(lambda total, what: bars(total, what)) if bars else None,
+        force=args.force, say=say, progress=bars,
     )
     if args.json:
         _print_json(report.to_dict())
@@ -326,7 +329,7 @@ def cmd_camera(args) -> int:
     source: int | str = int(args.source) if args.source.isdigit() else args.source
     return run_camera(
         vs, source=source, every_ms=args.every_ms, k=args.k, headless=args.headless,
-        max_queries=args.max_queries, out=sys.stdout, orient=args.orient,
+        max_queries=args.max_queries, out=sys.stdout, orient=args.orient, regions=args.regions,
     )
 
 
@@ -363,6 +366,9 @@ EXPAND_HELP = ("query expansion: search again with the query plus its N nearest 
                "2 is a good start; helps when the catalog holds several pictures of a kind)")
 
 
+REGIONS_HELP = ("also search with regions of each query photo (its corners and centre, each 0.6 of the short side) "
+                "and score each item by its best region: finds an item that fills only part of a camera's frame; "
+                "about 6x the featurizing time")
 ORIENT_HELP = ("also try each query photo turned by 90, 180 and 270 degrees (taken with the camera on its side) "
                "and keep the turn that matches clearly better; about 4x the featurizing time")
 
@@ -450,6 +456,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter", action="append", metavar="FIELD=VALUE", help="only items whose metadata matches (repeatable)")
     p.add_argument("--expand", type=_non_negative_int, default=0, metavar="N", help=EXPAND_HELP)
     p.add_argument("--orient", action="store_true", help=ORIENT_HELP)
+    p.add_argument("--regions", action="store_true", help=REGIONS_HELP)
     p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     p.set_defaults(func=cmd_search)
 
@@ -494,6 +501,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", default="1,5,10", help="comma-separated k values for recall@k (default 1,5,10)")
     p.add_argument("--expand", type=_non_negative_int, default=0, metavar="N", help=EXPAND_HELP)
     p.add_argument("--orient", action="store_true", help=ORIENT_HELP)
+    p.add_argument("--regions", action="store_true", help=REGIONS_HELP)
     p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     p.set_defaults(func=cmd_evaluate)
 
@@ -507,14 +515,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"the model to start from (default {DEFAULT_MODEL})")
     p.add_argument("--epochs", type=_positive_int, default=10, help="passes over the training items (default 10); "
                    "the epoch with the best validation recall@1 is kept")
-    p.add_argument("--dim", type=_positive_int, default=512, help="length of the feature vector it makes (default 512)")
-    p.add_argument("--views", type=_positive_int, default=8, help="model inputs made of each image: the clean one, "
-                   "its mirror image and camera-like augmentations (default 8)")
+    p.add_argument("--dim", type=_positive_int, default=HEAD_DIM, help=f"length of the feature vector it makes "
+                   f"(default {HEAD_DIM})")
+    p.add_argument("--views", type=_positive_int, default=VIEWS, help="model inputs made of each image: the clean one, "
+                   f"its mirror image and camera-like augmentations (default {VIEWS})")
     p.add_argument("--backgrounds", metavar="DIR", help="a folder of background photos: half the augmentations then "
                    "paste the catalog picture into them (perspective, 10-60%% of the frame, glare, blur), as a "
                    "camera photo shows an item")
-    p.add_argument("--val-fraction", type=float, default=0.15, help="share of each label (with 3 items or more) held "
-                   "out to measure recall@1 (default 0.15)")
+    p.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="share of each label (with 3 items or "
+                   f"more) held out to measure recall@1 (default {VAL_FRACTION})")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the augmentations and the training")
     p.add_argument("--force", action="store_true", help="replace a model at MODEL_DIR even if it measured better, "
                    "or write into a directory that holds something else")
@@ -552,6 +561,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=_positive_int, default=5, help="hits per query (default 5)")
     p.add_argument("--headless", action="store_true", help="no window: one JSON line per query, then the queries/s")
     p.add_argument("--max-queries", type=_positive_int, help="stop after this many queries")
+    p.add_argument("--regions", action="store_true", help=REGIONS_HELP)
     p.add_argument("--orient", action="store_true", help="also try each frame turned by 90/180/270 degrees "
                    "(a camera held sideways; about 4x the featurizing per query)")
     p.set_defaults(func=cmd_camera)

@@ -29,7 +29,7 @@ from .catalog import check_unique, read_catalog
 from .checkpoint import SHARD_ITEMS, BuildCheckpoint, fingerprint
 from .errors import BackendError, CatalogError, ClusterError, ImageError, IndexError_, ModelError, QueryError, StoreError
 from .evaluate import combine, per_query
-from .featurizer import TURNS, Featurizer, cpu_count, make_int8_model
+from .featurizer import REGIONS, TURNS, Featurizer, cpu_count, make_int8_model
 from .finetune import HEAD_DIM, VAL_FRACTION, VIEWS, FinetuneReport
 from .finetune import finetune as finetune_model
 from .images import DEFAULT_POLICY, ImagePolicy, describe, load_image
@@ -481,6 +481,7 @@ class VisualSearch:
         expand: int = 0,
         orient: bool = False,
         verify: bool | None = None,
+        regions: bool = False,
     ):
         """The k most similar items of each query, most similar first.
 
@@ -497,6 +498,11 @@ class VisualSearch:
         query's local features (default: when the index was built with local features); hits
         verified by enough inliers come first, the others keep their order. ``min_score`` never
         drops a verified hit.
+        ``regions``: also search with regions of each query image (``featurizer.region_boxes``:
+        the whole picture, and squares of REGION_SCALE of it at the corners and the centre) and
+        score each item by its best region: an item that fills only part of a camera's frame is
+        found far more often; about REGIONS x the featurizing time. With ``orient``, the turn
+        is chosen first, on the whole picture.
         """
         _check_k(k)
         _check_expand(expand)
@@ -509,9 +515,11 @@ class VisualSearch:
             sources = [s if _is_vector(s) else load_image(s, policy=self.policy) for s in sources]
             pending = [None if _is_vector(s) else self._workers().submit(extract_local, s) for s in sources]
         if orient:
-            vectors = self._upright(self._vectors(sources, turned=True), self._subset(filter))
+            turned = self._vectors(sources, turned=True)
+            best = self._best_turn(turned, self._subset(filter))
+            vectors = self._vectors(sources, turns=[TURNS[t] for t in best]) if regions else turned[np.arange(len(best)), best]
         else:
-            vectors = self._vectors(sources)
+            vectors = self._vectors(sources, turns=[0] * len(sources) if regions else None)
         local = None if pending is None else [None if f is None else f.result() for f in pending]
         found = self._search_vectors(vectors, k, filter, expand, local)
         if min_score is not None:
@@ -528,11 +536,12 @@ class VisualSearch:
         expand: int = 0,
         local: list[LocalFeatures | None] | None = None,
     ) -> list[list[Hit]]:
-        """search() for callers that featurize themselves: vectors [n, dim] and, to verify, each
-        query's local features (``local.extract``; None for a query without)."""
+        """search() for callers that featurize themselves: vectors [n, dim], or [n, regions, dim]
+        (``Featurizer.featurize_regions``: each item scored by its best region), and, to verify,
+        each query's local features (``local.extract``; None for a query without)."""
         _check_k(k)
         _check_expand(expand)
-        vectors = check_vectors(vectors, self.dim, "query vectors")
+        vectors = _query_vectors(vectors, self.dim)
         if local is not None and len(local) != len(vectors):
             raise QueryError(f"{len(vectors)} query vectors but {len(local)} local feature sets")
         if local is not None and not self.has_local_features:
@@ -594,10 +603,14 @@ class VisualSearch:
         subset = self._subset(filter)
         if subset is not None and len(subset) == 0:
             return [[] for _ in range(len(vectors))]
+        regions = vectors.shape[1] if vectors.ndim == 3 else 0
+        flat = vectors.reshape(-1, vectors.shape[-1])
         if expand:
-            vectors = self._expanded(vectors, expand, subset=subset)
+            flat = self._expanded(flat, expand, subset=subset)
         shortlist = max(k, VERIFY_SHORTLIST) if local is not None else k
-        scores, distances, int_ids = self._index.search(vectors, shortlist, subset=subset)
+        scores, distances, int_ids = self._index.search(flat, shortlist, subset=subset)
+        if regions:
+            scores, distances, int_ids = _best_region(scores, distances, int_ids, regions)
         rows = self._items.rows(np.unique(int_ids))
         if len(rows) < len(np.unique(int_ids[int_ids >= 0])):
             raise StoreError(
@@ -633,28 +646,28 @@ class VisualSearch:
 
         return np.fromiter(self._workers().map(count, int_ids), dtype=np.int64, count=len(int_ids))
 
-    def upright(self, turned: np.ndarray, filter: dict[str, Any] | None = None) -> np.ndarray:
-        """The vector to search with for each query given upright and turned ([n, 4, dim], as
-        ``Featurizer.featurize_turned`` makes them) -> [n, dim]; see ``search(orient=True)``."""
+    def best_turn(self, turned: np.ndarray, filter: dict[str, Any] | None = None) -> np.ndarray:
+        """Which turn to search each query with, given it upright and turned ([n, 4, dim], as
+        ``Featurizer.featurize_turned`` makes them) -> positions into TURNS; see ``search(orient=True)``."""
         turned = np.asarray(turned, dtype=np.float32)
         if turned.ndim != 3 or turned.shape[1:] != (len(TURNS), self.dim):
             raise QueryError(f"expected vectors of shape [n, {len(TURNS)}, {self.dim}], got {list(turned.shape)}")
-        return self._upright(turned, self._subset(filter))
+        return self._best_turn(turned, self._subset(filter))
 
-    def _upright(self, turned: np.ndarray, subset: np.ndarray | None = None) -> np.ndarray:
-        """From [n, 4, dim] vectors of each query turned 0/90/180/270 degrees, the one to search with.
+    def _best_turn(self, turned: np.ndarray, subset: np.ndarray | None = None) -> np.ndarray:
+        """From [n, 4, dim] vectors of each query turned 0/90/180/270 degrees, the turn to search
+        with (positions into TURNS).
 
         A turn replaces the upright query only when its best hit scores ORIENT_MARGIN higher: on
         upright photos a turn then almost never wins by chance (measured on coil-6view and
         grocery-iconic, recall@1 fell by at most 0.004), on photos taken sideways it usually wins.
         """
-        if len(self._index) == 0 or (subset is not None and len(subset) == 0):
-            return turned[:, 0]
         n, turns, dim = turned.shape
+        if len(self._index) == 0 or (subset is not None and len(subset) == 0):
+            return np.zeros(n, np.int64)
         top = self._index.search(turned.reshape(n * turns, dim), 1, subset=subset)[0][:, 0].reshape(n, turns)
         best = top.argmax(axis=1)
-        best = np.where(top[np.arange(n), best] > top[:, 0] + ORIENT_MARGIN, best, 0)
-        return turned[np.arange(n), best]
+        return np.where(top[np.arange(n), best] > top[:, 0] + ORIENT_MARGIN, best, 0)
 
     def _expanded(
         self, vectors: np.ndarray, n: int, subset: np.ndarray | None = None, exclude: np.ndarray | None = None
@@ -694,10 +707,13 @@ class VisualSearch:
             return list(queries), False
         raise QueryError(f"cannot search with a {type(queries).__name__}; give an image, a vector, or a list of them")
 
-    def _vectors(self, sources: list[Any], turned: bool = False) -> np.ndarray:
-        """Query vectors [n, dim]; with ``turned``, [n, 4, dim]: each image upright and turned
-        (a vector query is the same in all four)."""
-        out = np.zeros((len(sources), len(TURNS), self.dim) if turned else (len(sources), self.dim), np.float32)
+    def _vectors(self, sources: list[Any], turned: bool = False, turns: list[int] | None = None) -> np.ndarray:
+        """Query vectors [n, dim]; with ``turned``, [n, 4, dim]: each image upright and turned;
+        with ``turns`` (degrees, one per source), [n, REGIONS, dim]: the regions of each image
+        turned so (a vector query is the same in every slot)."""
+        shape = (len(sources), len(TURNS) if turned else REGIONS, self.dim) if turned or turns is not None \
+            else (len(sources), self.dim)
+        out = np.zeros(shape, np.float32)
         image_positions = []
         for pos, source in enumerate(sources):
             if _is_vector(source):
@@ -708,6 +724,8 @@ class VisualSearch:
             images = [sources[p] for p in image_positions]
             if turned:
                 out[image_positions] = self.featurizer.featurize_turned(images)
+            elif turns is not None:
+                out[image_positions] = self.featurizer.featurize_regions(images, [turns[p] for p in image_positions])
             else:
                 out[image_positions] = self.featurizer.featurize(images, strict=True).vectors
         return out
@@ -825,6 +843,7 @@ class VisualSearch:
         expand: int = 0,
         orient: bool = False,
         verify: bool | None = None,
+        regions: bool = False,
         progress: bool | ProgressFactory | None = None,
     ) -> dict[str, Any]:
         """Recall@k, precision@1 and mAP (full ranking) of a query catalog against this index.
@@ -833,8 +852,9 @@ class VisualSearch:
         in the index (same id and image) is left out of its own ranking (leave-one-out), and its
         stored vector is used instead of featurizing it again. ``leave_one_out=True`` (and no
         ``queries``) makes every item of the index a query against the others. ``expand``,
-        ``orient`` and ``verify`` are search's (``orient`` applies to the queries that are
-        featurized; a query that is an item of the index verifies with its stored local features).
+        ``orient``, ``verify`` and ``regions`` are search's (``orient`` and ``regions`` apply to
+        the queries that are featurized; a query that is an item of the index verifies with its
+        stored local features).
         """
         _check_expand(expand)
         ks = sorted({int(k) for k in ks})
@@ -857,23 +877,29 @@ class VisualSearch:
         position = {int(i): p for p, i in enumerate(self._index.ids)}
 
         self_ids = np.full(len(items), -1, dtype=np.int64)
-        vectors = np.zeros((len(items), self.dim), np.float32)
+        vectors = np.zeros((len(items), REGIONS, self.dim) if regions else (len(items), self.dim), np.float32)
         to_featurize = []
         for q, it in enumerate(items):
             hit = stored.get(it.id)
             if hit is not None and hit[1] == it.image:
                 self_ids[q] = hit[0]
-                vectors[q] = self._index.vectors[position[hit[0]]]
+                vectors[q] = self._index.vectors[position[hit[0]]]  # in every region's slot
             else:
                 to_featurize.append(q)
         skipped = 0
         keep = np.ones(len(items), bool)
-        if to_featurize and orient:  # one query at a time: each is featurized upright and turned
+        if to_featurize and (orient or regions):  # one query at a time: turned, and its regions
             factory = _progress(progress)
             bar = factory(len(to_featurize)) if factory else None
             for q in to_featurize:
                 try:
-                    vectors[q] = self._upright(self.featurizer.featurize_turned([items[q].image]))[0]
+                    turn = 0
+                    if orient:
+                        turned = self.featurizer.featurize_turned([items[q].image])
+                        turn = int(self._best_turn(turned)[0])
+                        vectors[q] = turned[0, turn]
+                    if regions:
+                        vectors[q] = self.featurizer.featurize_regions([items[q].image], [TURNS[turn]])[0]
                 except ImageError:
                     keep[q] = False
                     skipped += 1
@@ -905,8 +931,11 @@ class VisualSearch:
         n_all = len(self._index)
         for s in range(0, len(qs), 256):
             chunk = qs[s:s + 256]
-            queries = self._expanded(vectors[chunk], expand, exclude=self_ids[chunk]) if expand else vectors[chunk]
-            _, _, ranked = self._index.search(queries, n_all)
+            queries = vectors[chunk].reshape(-1, self.dim)
+            if expand:
+                queries = self._expanded(queries, expand, exclude=np.repeat(self_ids[chunk], REGIONS if regions else 1))
+            found = self._index.search(queries, n_all)
+            ranked = _best_region(*found, REGIONS)[2] if regions else found[2]
             if local is not None:  # geometric verification reorders each query's shortlist
                 for row, q in zip(ranked, chunk):
                     if local[q] is not None:
@@ -1162,6 +1191,30 @@ def _model_entry(spec: ModelSpec, weights: Weights, featurizer: Featurizer, mode
         entry["model_file"] = {"name": model_file.name, "sha256": file_sha256(model_file),
                                "size": model_file.stat().st_size, "calibration_images": calibrated}
     return entry
+
+
+def _query_vectors(vectors: Any, dim: int) -> np.ndarray:
+    """Query vectors [n, dim] or [n, regions, dim], checked (QueryError) as float32."""
+    array = np.asarray(vectors) if not isinstance(vectors, np.ndarray) else vectors
+    if array.ndim == 3:
+        n, regions = array.shape[:2]
+        return check_vectors(array.reshape(n * regions, -1), dim, "query vectors").reshape(n, regions, dim)
+    return check_vectors(array, dim, "query vectors")
+
+
+def _best_region(scores: np.ndarray, distances: np.ndarray, int_ids: np.ndarray, regions: int):
+    """Hits of each query's ``regions`` consecutive rows merged: each item once, at its best
+    region's score, most similar first; [n, k] like one search's (k: the rows' width)."""
+    n, k = len(int_ids) // regions, int_ids.shape[1]
+    scores, distances, int_ids = (a.reshape(n, regions * k) for a in (scores, distances, int_ids))
+    out = [np.empty((n, k), a.dtype) for a in (scores, distances, int_ids)]
+    for q in range(n):
+        order = np.argsort(-scores[q], kind="stable")
+        _, first = np.unique(int_ids[q, order], return_index=True)
+        pick = order[np.sort(first)][:k]  # every region has k distinct items, so there are k at least
+        for a, b in zip(out, (scores, distances, int_ids)):
+            a[q] = b[q, pick]
+    return tuple(out)
 
 
 def _verified_first(inliers: np.ndarray) -> np.ndarray:

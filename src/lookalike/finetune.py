@@ -212,7 +212,7 @@ def finetune(
             view = rng.integers(0, trained_views, len(chosen))
             x = feats_t[train_pos[chosen], view].to(dev, torch.float32)
             z = torch.nn.functional.normalize(head(tail(x)), dim=1)
-            loss = _proxy_anchor(z, labels_t[chosen], proxies)
+            loss = (_proxy_anchor if LOSS == "proxy-anchor" else _cosface)(z, labels_t[chosen], proxies)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -432,6 +432,18 @@ def _embed(tail, head, feats, dev, normalized: bool = True) -> np.ndarray:
                 z = torch.nn.functional.normalize(z, dim=1)
             out.append(z.cpu().numpy())
     return np.concatenate(out)
+
+
+LOSS = "proxy-anchor"
+
+
+def _cosface(z, labels, proxies):
+    import torch
+
+    p = torch.nn.functional.normalize(proxies, dim=1)
+    cos = z @ p.T
+    cos = cos - 0.3 * torch.nn.functional.one_hot(labels, len(p))
+    return torch.nn.functional.cross_entropy(30.0 * cos, labels)
 
 
 def _proxy_anchor(z, labels, proxies):

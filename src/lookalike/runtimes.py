@@ -179,6 +179,11 @@ class OpenVinoRuntime:
         self._latency = None
         self._latency_lock = threading.Lock()
         self.dim = int(self._compiled.outputs[0].get_partial_shape()[-1].get_length())
+        # One inference here, in one thread, before any concurrent call: the first calls made at once
+        # from two threads deadlocked (CI): one thread, GIL released, initialised a static of the
+        # Python bindings that needs the GIL, while the other, holding the GIL, waited on that static.
+        shape = [1] + [d.get_length() for d in list(self._model.inputs[0].get_partial_shape())[1:]]
+        self.run(np.zeros(shape, np.float32))
 
     def run(self, pixels: np.ndarray, alone: bool = False) -> np.ndarray:
         if len(pixels) == 0:

@@ -60,6 +60,7 @@ from ..errors import (
     QueryError,
     StoreError,
 )
+from ..featurizer import REGION_SCALE, REGIONS, TURNS
 from ..images import ImagePolicy, is_url, load_image
 from ..local import LocalFeatures
 from ..local import extract as extract_local
@@ -529,6 +530,8 @@ def _int_param(value: Any, name: str, low: int, high: int) -> int:
 
 
 ORIENT_DOC = "also try each photo turned by 90, 180 and 270 degrees (about 4x the featurizing time)"
+REGIONS_DOC = ("also search with regions of each photo (its corners and centre) and score each item by its best region: "
+               "finds an item that fills only part of the frame (about 6x the featurizing time)")
 VERIFY_DOC = ("geometric verification of the best candidates with local features (default: on when the index has "
               "them); verified hits come first and carry inliers and verified")
 BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False}  # a yes/no in a query string or form field
@@ -757,7 +760,7 @@ def create_app(settings: ServerSettings):
                 for key, value in form.multi_items():
                     if isinstance(value, UploadFile):
                         queries.append(Query(value.filename or f"upload {len(queries) + 1}", data=await value.read()))
-                    elif key in ("k", "min_score", "filter", "expand", "orient", "verify"):
+                    elif key in ("k", "min_score", "filter", "expand", "orient", "verify", "regions"):
                         params[key] = _text_field(value, key)
                     elif key == "image_url":
                         queries.append(Query(value, url=_url_param(_text_field(value, key), "image_url", settings.allow_urls)))
@@ -777,14 +780,15 @@ def create_app(settings: ServerSettings):
                 raise QueryError(f"k must be a whole number from 1 to {settings.max_k}")
             if "expand" in body and (not isinstance(body["expand"], int) or isinstance(body["expand"], bool)):
                 raise QueryError(f"expand must be a whole number from 0 to {MAX_EXPAND}")
-            for key in ("orient", "verify"):
+            for key in ("orient", "verify", "regions"):
                 if key in body and not isinstance(body[key], bool):
                     raise QueryError(f"{key} must be true or false")
             if "min_score" in body and (not isinstance(body["min_score"], (int, float)) or isinstance(body["min_score"], bool)):
                 raise QueryError("min_score must be a finite number")
             if "filter" in body and not isinstance(body["filter"], dict):
                 raise QueryError('filter must be a JSON object such as {"colour": "Black"}')
-            params.update({key: body[key] for key in ("k", "min_score", "filter", "expand", "orient", "verify") if key in body})
+            params.update({key: body[key] for key in ("k", "min_score", "filter", "expand", "orient", "verify", "regions")
+                           if key in body})
             return _json_queries(body, settings.allow_urls, dim), params
         if ctype.startswith("image/") or ctype == "application/octet-stream":
             return [Query("<body>", data=await request.body())], params
@@ -794,37 +798,41 @@ def create_app(settings: ServerSettings):
 
     def run_search(
         queries: list[Query], k: int, filter: dict | None, min_score: float | None, expand: int, orient: bool,
-        verify: bool | None,
+        verify: bool | None, regions: bool = False,
     ) -> tuple[list[dict[str, Any]], int]:
         # One image decoded and featurized at a time, outside the index lock: a request's memory is
         # one decoded image however many it sends, and writers wait only for the index search.
-        featurizer, draft = shared.vs.featurizer, shared.vs.spec.resize_size
+        featurizer = shared.vs.featurizer
+        draft = math.ceil(shared.vs.spec.resize_size / REGION_SCALE) if regions else shared.vs.spec.resize_size
         if verify and not shared.vs.has_local_features:
             raise QueryError("this index was built without local features, so it cannot verify (build it with --local-features)")
         verifying = shared.vs.has_local_features if verify is None else verify
         inputs: list[Any] = []
         local: list[LocalFeatures | None] = []
-        turned: dict[int, np.ndarray] = {}  # position -> the image's vectors upright and turned (orient)
         for q in queries:
             if q.vector is not None:
-                inputs.append(np.asarray(q.vector, np.float32))
+                vector = np.asarray(q.vector, np.float32)
+                inputs.append(np.repeat(vector[None], REGIONS, axis=0) if regions else vector)
                 local.append(None)
                 continue
             image = load_image(q.url if q.url is not None else q.data, policy=policy, draft_size=draft, name=q.name)
             q.data = None
+            turn = 0
+            if orient:
+                with shared.compute:
+                    turned = featurizer.featurize_turned([image])
+                with shared.reading() as vs:
+                    turn = int(vs.best_turn(turned, filter=filter)[0])
             with shared.compute:
-                if orient:
-                    turned[len(inputs)] = featurizer.featurize_turned([image])[0]
-                    inputs.append(None)
+                if regions:
+                    inputs.append(featurizer.featurize_regions([image], [TURNS[turn]])[0])
+                elif orient:
+                    inputs.append(turned[0, turn])
                 else:
                     inputs.append(featurizer.featurize([image], strict=True).vectors[0])
                 local.append(extract_local(image) if verifying else None)
             del image
         with shared.reading() as vs:
-            if turned:
-                chosen = vs.upright(np.stack(list(turned.values())), filter=filter)
-                for pos, vector in zip(turned, chosen):
-                    inputs[pos] = vector
             found = vs.search_vectors(np.stack(inputs), k=k, filter=filter, min_score=min_score, expand=expand,
                                       local=local if verifying else None)
             generation = vs.generation
@@ -852,6 +860,7 @@ def create_app(settings: ServerSettings):
                 "expand": expand_schema,
                 "orient": {"type": "string", "enum": list(BOOL_WORDS), "description": ORIENT_DOC},
                 "verify": {"type": "string", "enum": list(BOOL_WORDS), "description": VERIFY_DOC},
+                "regions": {"type": "string", "enum": list(BOOL_WORDS), "description": REGIONS_DOC},
             },
             **one_image(["file"], "anyOf"),
         }},
@@ -867,6 +876,7 @@ def create_app(settings: ServerSettings):
                 "expand": expand_schema,
                 "orient": {"type": "boolean", "description": ORIENT_DOC},
                 "verify": {"type": "boolean", "description": VERIFY_DOC},
+                "regions": {"type": "boolean", "description": REGIONS_DOC},
             },
             **one_image(["image_base64", "vector"]),
         }},
@@ -891,6 +901,7 @@ def create_app(settings: ServerSettings):
         expand: int | None = QueryParam(None, ge=0, le=MAX_EXPAND, description="query expansion over that many nearest items (0: off)"),
         orient: Literal["true", "false", "1", "0"] | None = QueryParam(None, description=ORIENT_DOC),
         verify: Literal["true", "false", "1", "0"] | None = QueryParam(None, description=VERIFY_DOC),
+        regions: Literal["true", "false", "1", "0"] | None = QueryParam(None, description=REGIONS_DOC),
     ):
         """The most similar catalog items of each query image, most similar first.
 
@@ -899,7 +910,8 @@ def create_app(settings: ServerSettings):
         metadata equalities; a list value means any of), ``expand`` (query expansion; the scores
         are then similarities to the expanded query), ``orient`` (also try each photo turned by
         90, 180 and 270 degrees; about 4x the featurizing time), ``verify`` (geometric
-        verification; on by default when the index has local features).
+        verification; on by default when the index has local features), ``regions`` (also search
+        with regions of each photo, each item scored by its best region; about 6x the featurizing).
         """
         start = time.perf_counter()
         require_read_key(request)
@@ -910,9 +922,10 @@ def create_app(settings: ServerSettings):
         expand_ = _int_param(params.get("expand", 0), "expand", 0, MAX_EXPAND)
         orient_ = _bool_param(params.get("orient", False), "orient")
         verify_ = _bool_param(params["verify"], "verify") if params.get("verify") is not None else None
+        regions_ = _bool_param(params.get("regions", False), "regions")
         async with gate.enter():
             results, generation = await run_in_threadpool(
-                run_search, queries, k_, filter_, min_score_, expand_, orient_, verify_)
+                run_search, queries, k_, filter_, min_score_, expand_, orient_, verify_, regions_)
         return JSONResponse({"results": results, "took_ms": round((time.perf_counter() - start) * 1000, 2)},
                             headers={"X-Index-Generation": str(generation)})
 
