@@ -182,6 +182,8 @@ def test_build_options_say_how_features_are_made(tmp_path):
     jeans = SAMPLE / "queries" / "jeans-18193.jpg"
     hits = json.loads(run("search", tmp_path / "plain", jeans, "-k", "3", "--expand", "2", "--orient", "--json").stdout)
     assert len(hits[0]["hits"]) == 3 and all(h["metadata"]["label"] == "Jeans" for h in hits[0]["hits"])
+    hits = json.loads(run("search", tmp_path / "plain", jeans, "-k", "3", "--regions", "--orient", "--json").stdout)
+    assert len(hits[0]["hits"]) == 3 and hits[0]["hits"][0]["metadata"]["label"] == "Jeans"
 
     proc = run("build", SAMPLE / "catalog.csv", "-o", tmp_path / "white", "-q", "--whiten", "64")
     info = json.loads(run("info", tmp_path / "white", "--json").stdout)

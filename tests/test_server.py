@@ -218,6 +218,8 @@ def test_bad_requests_get_4xx_json_and_the_service_keeps_answering(client, serve
         (upload(client, JEANS, min_score="nan"), 422, "finite"),
         (upload(client, JEANS, expand=51), 422, ""),
         (upload(client, JEANS, orient="maybe"), 422, ""),
+        (upload(client, JEANS, regions="maybe"), 422, ""),
+        (client.post("/search", json={"image_base64": "aGk=", "regions": 1}), 422, "regions"),
         (upload(client, JEANS, verify="true"), 422, "without local features"),
         (client.post("/search", json={"image_base64": "aGk=", "orient": "yes"}), 422, "orient"),
         (client.post("/search", json={"image_base64": "aGk=", "expand": "2"}), 422, "expand"),
@@ -440,3 +442,23 @@ def test_a_verifying_index_answers_with_inliers_as_the_python_api_does(tmp_path)
             assert "verified" not in off.json()["results"][0]["hits"][0]
     finally:
         srv.stop()
+
+
+def test_regions_answer_as_the_python_api_does(client, sample_index, vectors):
+    """regions=true on /search (query string, form field, JSON): the hits the Python API gives."""
+    from lookalike import VisualSearch
+
+    photo = SAMPLE / "queries" / QUERIES[0]["image"]
+    with VisualSearch.open(sample_index) as vs:
+        want = [h.id for h in vs.search(photo, k=5, regions=True).hits]
+        plain_vector = [h.id for h in vs.search(vectors[0], k=5).hits]
+    for r in (upload(client, photo, k=5, regions="true"),
+              client.post("/search", files=[("file", (photo.name, photo.read_bytes(), "image/jpeg")), ("regions", (None, "1")),
+                                            ("k", (None, "5"))]),
+              client.post("/search", json={"image_base64": base64.b64encode(photo.read_bytes()).decode(), "k": 5,
+                                           "regions": True})):
+        assert r.status_code == 200, r.text
+        got = [h["id"] for h in r.json()["results"][0]["hits"]]
+        assert got[:3] == want[:3], (got, want)  # the service decodes JPEGs reduced: the tail may differ
+    r = client.post("/search", json={"vector": vectors[0].tolist(), "k": 5, "regions": True})
+    assert [h["id"] for h in r.json()["results"][0]["hits"]] == plain_vector  # a vector has no regions
