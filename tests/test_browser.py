@@ -291,11 +291,12 @@ def test_api_error_is_shown_readably(browser, server, tmp_path):
 # Counts the /search requests in flight, and makes each take 250 ms or more: slower than the
 # 100 ms camera ticks, so a page that did not skip ticks would have several in flight.
 SLOW_AND_COUNT_SEARCHES = """
-    window.__searches = {now: 0, max: 0, started: 0};
+    window.__searches = {now: 0, max: 0, started: 0, urls: []};
     const realFetch = window.fetch;
     window.fetch = async function (...args) {
         const isSearch = String(args[0]).includes("/search");
         if (!isSearch) return realFetch.apply(this, args);
+        __searches.urls.push(String(args[0]));
         __searches.now += 1;
         __searches.started += 1;
         __searches.max = Math.max(__searches.max, __searches.now);
@@ -332,6 +333,7 @@ def test_camera_finds_the_filmed_item(browser, server):
         wait_until(page, "n => +document.getElementById('rate').dataset.queries >= n", seen + 4)
         assert page.eval_on_selector("#results .hit", "e => e.__mark === 1 && e.dataset.id") == CAMERA_ITEM
         assert page.evaluate("window.__searches.max") == 1
+        assert page.evaluate("window.__searches.urls.every(u => new URL(u).searchParams.get('regions') === 'true')")
 
         page.eval_on_selector("#camera-video", "v => { window.__tracks = v.srcObject.getTracks() }")
         page.click("#camera-stop")

@@ -311,7 +311,7 @@ def run_camera(
     out: IO[str] | None = None,
     err: IO[str] | None = None,
     orient: bool = False,
-    regions: bool = False,
+    regions: bool = True,
 ) -> int:
     """Search ``vs`` with frames of ``source`` until it ends; the exit code (0).
 
@@ -320,8 +320,8 @@ def run_camera(
     ``{"queries": N, "seconds": S, "queries_per_s": Q}``. A one-line summary goes to ``err``
     (default stderr) in both modes. Raises LookalikeError when OpenCV, the window or the
     source cannot be used. ``orient``: also try each frame turned by 90/180/270 degrees
-    (a camera held on its side or pointing down). ``regions``: also search with regions of the
-    frame (``VisualSearch.search``), for an item that fills only part of it.
+    (a camera held on its side or pointing down). ``regions`` (default on): also search with
+    regions of the frame (``VisualSearch.search``), for an item that fills only part of it.
     """
     out = out or sys.stdout
     err = err or sys.stderr

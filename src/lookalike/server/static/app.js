@@ -47,10 +47,11 @@
     return { k, minScore: Number.isFinite(minScore) ? minScore : null };
   }
 
-  function searchUrl(k, minScore) {
+  function searchUrl(k, minScore, extra) {
     const url = new URL("search", document.baseURI);
     url.searchParams.set("k", String(k));
     if (minScore !== null) url.searchParams.set("min_score", String(minScore));
+    for (const [key, value] of Object.entries(extra || {})) url.searchParams.set(key, value);
     return url;
   }
 
@@ -62,12 +63,12 @@
   class ApiError extends Error {}
 
   // POST one image to /search; resolves to the parsed JSON, rejects with a readable ApiError.
-  async function postSearch(blob, filename, k, minScore, signal) {
+  async function postSearch(blob, filename, k, minScore, signal, extra) {
     const body = new FormData();
     body.append("file", blob, filename);
     let response;
     try {
-      response = await fetch(searchUrl(k, minScore), { method: "POST", body, signal });
+      response = await fetch(searchUrl(k, minScore, extra), { method: "POST", body, signal });
     } catch (err) {
       if (err && err.name === "AbortError") throw err;
       throw new ApiError("Could not reach the server: " + (err && err.message ? err.message : err));
@@ -544,8 +545,9 @@
     try {
       const blob = await grabFrame();
       if (session !== camera.session) return;
-      // ask for a few more than k per frame so the vote has something to work with
-      const data = await postSearch(blob, "camera.jpg", Math.min(100, k * 2), minScore);
+      // ask for a few more than k per frame so the vote has something to work with; search the
+      // frame's corners and centre too (regions): an item held up fills only part of the frame
+      const data = await postSearch(blob, "camera.jpg", Math.min(100, k * 2), minScore, undefined, { regions: "true" });
       if (session !== camera.session) return;
       const t1 = performance.now();
       camera.done.push(t1);
