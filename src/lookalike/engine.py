@@ -1195,11 +1195,10 @@ def _model_entry(spec: ModelSpec, weights: Weights, featurizer: Featurizer, mode
 
 def _query_vectors(vectors: Any, dim: int) -> np.ndarray:
     """Query vectors [n, dim] or [n, regions, dim], checked (QueryError) as float32."""
-    array = np.asarray(vectors) if not isinstance(vectors, np.ndarray) else vectors
-    if array.ndim == 3:
-        n, regions = array.shape[:2]
-        return check_vectors(array.reshape(n * regions, -1), dim, "query vectors").reshape(n, regions, dim)
-    return check_vectors(array, dim, "query vectors")
+    if isinstance(vectors, np.ndarray) and vectors.ndim == 3:
+        n, regions = vectors.shape[:2]
+        return check_vectors(vectors.reshape(n * regions, -1), dim, "query vectors").reshape(n, regions, dim)
+    return check_vectors(vectors, dim, "query vectors")
 
 
 def _best_region(scores: np.ndarray, distances: np.ndarray, int_ids: np.ndarray, regions: int):
