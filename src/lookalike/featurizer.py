@@ -29,7 +29,8 @@ from .models import Weights, create_torch_model
 from .runtimes import cache_dir, cpu_count
 from .types import ModelSpec
 
-__all__ = ["Featurizer", "FeaturizeResult", "REGIONS", "REGION_SCALE", "TURNS", "region_boxes", "cache_dir", "cpu_count", "export_module", "export_onnx", "load_pixels",
+__all__ = ["Featurizer", "FeaturizeResult", "REGIONS", "REGION_SCALE", "TURNS", "cache_dir", "cpu_count",
+           "export_module", "export_onnx", "load_pixels", "region_boxes",
            "make_int8_model", "onnx_model", "onnx_path", "preprocess"]
 
 EXPORT_VERSION = 3  # bump when the export settings change, so cached files are remade
@@ -46,8 +47,9 @@ _INTERPOLATION = {
 
 TURNS = (0, 90, 180, 270)  # clockwise degrees tried for a query photo taken with the camera on its side
 # Regions of a query photo (``region_boxes``): the whole picture, then squares of this share of its
-# short side at the four corners and the centre. benchmarks/camera.py chose it: on camera-sim
-# 0.5 / 0.6 / 0.7 gave recall@1 0.770 / 0.777 / 0.728 (the whole picture alone: 0.445).
+# short side at the four corners and the centre. Chosen on benchmarks/camera.py's camera-sim
+# photos (a one-off scan): 0.5 / 0.6 / 0.7 gave recall@1 0.770 / 0.777 / 0.728 (the whole picture
+# alone: 0.445).
 REGION_SCALE = 0.6
 REGIONS = 6
 
