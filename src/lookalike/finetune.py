@@ -139,7 +139,7 @@ def finetune(
     weights = resolve_weights(spec)
     labelled, skipped = _labelled(items, label)
     train, val = _split(labelled, val_fraction, seed)
-    _check_split(labelled, train, val, label, catalog_name)  # before the slow part; again once images are read
+    _check_split(labelled, train, val, label, catalog_name, views)  # before the slow part; again once images are read
 
     import torch
 
@@ -152,12 +152,9 @@ def finetune(
     position = {i: p for p, i in enumerate(kept)}
     train = [i for i in train if i in position]
     val = [i for i in val if i in position]
-    names = _check_split(labelled, train, val, label, catalog_name)
+    names = _check_split(labelled, train, val, label, catalog_name, views)
     held_view = not val  # no label can spare an item: each item's last view is held out instead
     if held_view:
-        if views < 3:
-            raise ModelError(f"{catalog_name}: no label has {MIN_VAL_LABEL} items to validate on, so a view of each "
-                             "item is held out instead, which needs views of at least 3", subject=views)
         val = list(train)
     classes = {name: c for c, name in enumerate(names)}
     y_train = np.array([classes[labelled[i][1]] for i in train])
@@ -317,12 +314,15 @@ def _labelled(items: Sequence[Item], label: str) -> tuple[list[tuple[Item, str]]
     return out, skipped
 
 
-def _check_split(labelled, train: list[int], val: list[int], label: str, catalog_name: str) -> list[str]:
-    """The labels to learn, sorted; CatalogError if there is too little to learn or to measure."""
+def _check_split(labelled, train: list[int], val: list[int], label: str, catalog_name: str, views: int) -> list[str]:
+    """The labels to learn, sorted; CatalogError or ModelError if there is too little to learn or to measure."""
     names = sorted({labelled[i][1] for i in train + val})
     if len(names) < 2:
         raise CatalogError(f"{catalog_name}: fine-tuning needs at least 2 labels in field {label!r} (found "
                            f"{len(names)})", subject=catalog_name)
+    if not val and views < 3:
+        raise ModelError(f"{catalog_name}: no label has {MIN_VAL_LABEL} items to validate on, so a view of each "
+                         "item is held out instead, which needs views of at least 3", subject=views)
     return names
 
 
