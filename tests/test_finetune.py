@@ -95,7 +95,9 @@ def test_finetune_keeps_the_best_epoch_and_build_uses_the_model_directory(tuned,
     # The index opens without the model directory (it records all it needs); a query then says what is missing.
     moved = tmp_path / "moved-model"
     shutil.copytree(out, moved)
-    VisualSearch.build(gallery, tmp_path / "idx2", model=str(moved))
+    config["features"]["tta"] = "none"  # as if trained without the mirror image: build follows the model's own
+    (moved / MODEL_CONFIG).write_text(json.dumps(config))
+    assert VisualSearch.build(gallery, tmp_path / "idx2", model=str(moved)).info()["features"]["tta"] == "none"
     shutil.rmtree(moved)
     again = VisualSearch.open(tmp_path / "idx2")
     assert again.info()["count"] == len(rows) - len(val)

@@ -147,11 +147,12 @@ def model_dir_spec(path: str | os.PathLike) -> ModelSpec:
     if base.weights_file:
         raise ModelError(f"{root}: its base is itself a model directory; fine-tune from a named model",
                          subject=str(root))
-    pre = config["preprocessing"]
+    pre, features = config["preprocessing"], config.get("features", {})
     return replace(
         base, name=str(root), head_dim=int(config["head_dim"]), weights_file=str(root / config["weights"]),
         weights_package=None, hub=False, input_size=int(pre.get("input_size", base.input_size)),
-        crop_pct=float(pre.get("crop_pct", base.crop_pct)),
+        crop_pct=float(pre.get("crop_pct", base.crop_pct)), pooling=features.get("pooling", base.pooling),
+        tta=features.get("tta", base.tta),
         description=f"{base.name} fine-tuned on {config.get('label', '?')} of {config.get('catalog', {}).get('name', '?')}",
     )
 
@@ -376,10 +377,12 @@ def feature_dim(spec: ModelSpec) -> int:
 def with_features(
     spec: ModelSpec, *, crop_pct: float | None = None, pooling: str | None = None, tta: str | None = None
 ) -> ModelSpec:
-    """The spec with build-time feature options applied; None takes DEFAULT_FEATURES' value."""
-    crop_pct = DEFAULT_FEATURES["crop_pct"] if crop_pct is None else crop_pct
-    pooling = DEFAULT_FEATURES["pooling"] if pooling is None else pooling
-    tta = DEFAULT_FEATURES["tta"] if tta is None else tta
+    """The spec with build-time feature options applied; None takes DEFAULT_FEATURES' value, or
+    for a model directory the features it was trained with."""
+    own = spec.weights_file is not None  # a model directory: its own features are its defaults
+    crop_pct = (spec.crop_pct if own else DEFAULT_FEATURES["crop_pct"]) if crop_pct is None else crop_pct
+    pooling = (spec.pooling if own else DEFAULT_FEATURES["pooling"]) if pooling is None else pooling
+    tta = (spec.tta if own else DEFAULT_FEATURES["tta"]) if tta is None else tta
     if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not 0.25 <= crop_pct <= 1.0:
         raise ModelError(f"crop_pct must be a number from 0.25 to 1.0 (1.0 = the whole picture), got {crop_pct!r}",
                          subject=crop_pct)
