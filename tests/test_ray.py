@@ -22,9 +22,22 @@ MODEL = {"runtime": "onnxruntime", "precision": "fp32"}  # the same model runs i
 def ray_here():
     """One local Ray with 2 CPUs for this module's in-process builds (they join it; the CLI's
     builds start their own, as a build without an address does)."""
+    import time
+
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # A raylet that misses Ray's 30 s to register fails the start (seen in CI: all three tests of this
+    # module lost at once); a modest object store leaves the machine's memory to the rest of the run.
+    for attempt in range(3):
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False, object_store_memory=512 * 2**20)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
+            time.sleep(5)
     yield
     ray.shutdown()
 
