@@ -552,6 +552,11 @@ class VisualSearch:
         return found
 
     @property
+    def one_process(self) -> bool:
+        """Whether only one process at a time may open the index (it is in a Milvus Lite file)."""
+        return self._index.one_process
+
+    @property
     def has_local_features(self) -> bool:
         """Whether the index was built with local features for geometric verification."""
         return bool(self.manifest.get("local_features"))

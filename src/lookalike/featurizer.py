@@ -9,6 +9,7 @@ the runtimes release the GIL), so decoding and inference overlap without any cor
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import threading
@@ -261,6 +262,11 @@ class Featurizer:
             out[i] = self.run(np.ascontiguousarray(turned), alone=True)
         return out
 
+    def draft_size(self, regions: bool = False) -> int:
+        """The smallest short side a query must be decoded at: the model's resize, or with
+        ``regions`` enough for the smallest region (REGION_SCALE of the short side) to have it."""
+        return math.ceil(self.spec.resize_size / REGION_SCALE) if regions else self.spec.resize_size
+
     def featurize_regions(self, sources: Sequence[ImageSource], turns: Sequence[int] | None = None) -> np.ndarray:
         """Each input's regions (``region_boxes``: the whole picture first): float32 [n, REGIONS, dim].
 
@@ -269,9 +275,8 @@ class Featurizer:
         query path).
         """
         out = np.zeros((len(sources), REGIONS, self.dim), np.float32)
-        draft = int(np.ceil(self.spec.resize_size / REGION_SCALE))
         for i, source in enumerate(sources):
-            img = load_image(source, policy=self.policy, draft_size=draft)
+            img = load_image(source, policy=self.policy, draft_size=self.draft_size(regions=True))
             turn = turns[i] if turns is not None else 0
             if turn:
                 img = img.transpose(_TRANSPOSE[turn])

@@ -57,7 +57,7 @@ from .featurizer import crop, export_module, normalize
 from .images import DEFAULT_POLICY, ImagePolicy, load_image
 from .models import (DEFAULT_MODEL, MODEL_CONFIG, MODEL_FORMAT, create_torch_model, embedding_net, file_sha256,
                      get_spec, is_model_dir, read_model_config, resolve_weights, with_features)
-from .runtimes import cache_dir, cpu_count
+from .runtimes import OnnxRuntime, cache_dir, cpu_count
 from .synthetic import camera_photo
 from .types import Item, ModelSpec
 
@@ -396,10 +396,7 @@ def _pca_head(tail, feats, dim: int, dev, seed: int):
 
     flat = feats.flatten(0, 1)
     pick = np.sort(np.random.default_rng(seed).permutation(len(flat))[:PCA_SAMPLE])
-    tail.eval()
-    with torch.no_grad():
-        x = np.concatenate([tail(flat[pick[s:s + 256]].to(dev, torch.float32)).cpu().numpy()
-                            for s in range(0, len(pick), 256)])
+    x = _forward(tail, None, flat[pick], dev)
     width = x.shape[1]
     if dim > width:
         raise ModelError(f"head dimension {dim} is larger than the model's {width} features", subject=dim)
@@ -416,25 +413,25 @@ def _pca_head(tail, feats, dim: int, dev, seed: int):
     return head
 
 
-def _embed(tail, head, feats, dev, normalized: bool = True) -> np.ndarray:
-    """The features ``build`` makes from trunk outputs [n, 2, C, H, W] (clean and mirror view):
-    their mean, L2-normalised."""
+def _forward(tail, head, views, dev) -> np.ndarray:
+    """The tail (and the head, unless None) run on trunk outputs [m, C, H, W], 256 at a time: [m, d]."""
     import torch
 
     tail.eval()
-    out = []
     with torch.no_grad():
-        for s in range(0, len(feats), 256):
-            x = feats[s:s + 256].to(dev, torch.float32)
-            n = len(x)
-            z = tail(x.flatten(0, 1))
-            if head is not None:
-                z = head(z)
-            z = z.view(n, 2, -1).mean(dim=1)
-            if normalized:
-                z = torch.nn.functional.normalize(z, dim=1)
-            out.append(z.cpu().numpy())
+        out = []
+        for s in range(0, len(views), 256):
+            z = tail(views[s:s + 256].to(dev, torch.float32))
+            out.append((z if head is None else head(z)).cpu().numpy())
     return np.concatenate(out)
+
+
+def _embed(tail, head, feats, dev) -> np.ndarray:
+    """The features ``build`` makes from trunk outputs [n, 2, C, H, W] (clean and mirror view):
+    their mean, L2-normalised."""
+    z = _forward(tail, head, feats.flatten(0, 1), dev)
+    z = z.reshape(len(feats), 2, -1).mean(axis=1)
+    return z / np.linalg.norm(z, axis=1, keepdims=True)
 
 
 def _proxy_anchor(z, labels, proxies):
@@ -532,18 +529,13 @@ def _trunk_runner(trunk, spec: ModelSpec, weights, device: str) -> Callable[[np.
                 return trunk(torch.from_numpy(pixels).to("cuda")).float().cpu().numpy()
 
         return run_cuda
-    import onnxruntime as ort
-
     depth = sum(1 for _ in trunk.children())
     key = f"trunk{depth}-{spec.arch}-{weights.sha256[:16]}-{spec.input_size}px-v{TRUNK_VERSION}.onnx"
     path = cache_dir() / "onnx" / key
     if not path.is_file():
         export_module(_copy(trunk), spec.input_size, path, f"{spec.name} trunk")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = cpu_count()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda pixels: session.run(None, {"pixels": pixels})[0]
+    runtime = OnnxRuntime(path, "fp32", cpu_count())
+    return lambda pixels: runtime.run(pixels, alone=True)  # one batch at a time, on every core
 
 
 def _copy(module):

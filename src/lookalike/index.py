@@ -322,6 +322,7 @@ class VectorIndex:
     """
 
     filters_metadata = False  # True: search takes a metadata filter itself, not a subset of int ids
+    one_process = False  # True: only one process at a time may open it (an embedded database file)
 
     def __init__(self, spec: IndexSpec, dim: int, vectors: np.ndarray, ids: np.ndarray, index=None, mapped: bool = False):
         check_spec(spec.kind, spec.metric)

@@ -149,12 +149,17 @@ def model_dir_spec(path: str | os.PathLike) -> ModelSpec:
                          subject=str(root))
     pre, features = config["preprocessing"], config.get("features", {})
     return replace(
-        base, name=str(root), head_dim=int(config["head_dim"]), weights_file=str(root / config["weights"]),
-        weights_package=None, hub=False, input_size=int(pre.get("input_size", base.input_size)),
+        _finetuned(base, str(root), int(config["head_dim"]), str(root / config["weights"])),
+        input_size=int(pre.get("input_size", base.input_size)),
         crop_pct=float(pre.get("crop_pct", base.crop_pct)), pooling=features.get("pooling", base.pooling),
         tta=features.get("tta", base.tta),
         description=f"{base.name} fine-tuned on {config.get('label', '?')} of {config.get('catalog', {}).get('name', '?')}",
     )
+
+
+def _finetuned(base: ModelSpec, name: str, head_dim: int, weights_file: str | None) -> ModelSpec:
+    """``base`` as a model directory ``name`` with its own head and weights (never a package's or the hub's)."""
+    return replace(base, name=name, head_dim=head_dim, weights_file=weights_file, weights_package=None, hub=False)
 
 
 # --- weights ------------------------------------------------------------------------------
@@ -401,8 +406,8 @@ def spec_from_manifest(model: dict[str, Any]) -> ModelSpec:
     """
     finetuned = model.get("finetuned")
     if finetuned:  # a model directory: the manifest says all, so the index opens without it
-        base = replace(get_spec(finetuned["base"]), name=model["name"], head_dim=int(finetuned["head_dim"]),
-                       weights_file=model.get("weights", {}).get("path"), weights_package=None, hub=False)
+        base = _finetuned(get_spec(finetuned["base"]), model["name"], int(finetuned["head_dim"]),
+                          model.get("weights", {}).get("path"))
     else:
         base = get_spec(model["name"])
     pre = model.get("preprocessing", {})

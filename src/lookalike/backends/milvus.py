@@ -236,6 +236,7 @@ class MilvusIndex(VectorIndex):
             raise IndexError_(f"{len(self.vectors)} vectors but {len(self.ids)} ids")
         check_offered(spec.kind, spec.params.get("whiten", 0))  # a planned spec: never kind auto
         self.uri, self.collection = spec.backend["uri"], spec.backend["collection"]
+        self.one_process = not is_server(self.uri)  # Milvus Lite: one process at a time
         client(self.uri)  # reached now: a wrong address fails here
         self._pending_removal: list[int] = []
         self._top = int(self.ids.max()) if len(self.ids) else -1  # the largest int id of this generation

@@ -60,7 +60,7 @@ from ..errors import (
     QueryError,
     StoreError,
 )
-from ..featurizer import REGION_SCALE, REGIONS, TURNS
+from ..featurizer import REGIONS, TURNS
 from ..images import ImagePolicy, is_url, load_image
 from ..local import LocalFeatures
 from ..local import extract as extract_local
@@ -803,7 +803,7 @@ def create_app(settings: ServerSettings):
         # One image decoded and featurized at a time, outside the index lock: a request's memory is
         # one decoded image however many it sends, and writers wait only for the index search.
         featurizer = shared.vs.featurizer
-        draft = math.ceil(shared.vs.spec.resize_size / REGION_SCALE) if regions else shared.vs.spec.resize_size
+        draft = featurizer.draft_size(regions)
         if verify and not shared.vs.has_local_features:
             raise QueryError("this index was built without local features, so it cannot verify (build it with --local-features)")
         verifying = shared.vs.has_local_features if verify is None else verify
@@ -1422,9 +1422,8 @@ def serve(settings: ServerSettings, *, host: str = "127.0.0.1", port: int = 8000
         uvicorn.run(app, host=host, port=port, log_level=level, access_log=not quiet)
     else:
         with VisualSearch.open(settings.index_dir) as vs:  # fail early, in this process
-            items = len(vs)
-            backend = vs.info()["backend"]
-        if backend["name"] == "milvus" and "://" not in backend["uri"]:
+            items, one_process, backend = len(vs), vs.one_process, vs.info()["backend"]
+        if one_process:
             raise IndexError_(f"{settings.index_dir}: its index is in a Milvus Lite file ({backend['uri']}), which one "
                               "process at a time may open: serve it with --workers 1, or keep it in a Milvus server",
                               subject=str(settings.index_dir))
