@@ -50,7 +50,9 @@ Rows (public API only; one index per gallery per build, built fresh in the same 
 - default+verify: ``VisualSearch.build(..., local_features=True)``, ``search(photo, k=5)``
   (an index with local features verifies by default);
 - default+verify+orient: the same index, ``search(photo, k=5, orient=True)``;
-- default+verify+regions: the same index, ``search(photo, k=5, regions=True)``: the camera
+- default+verify+regions: the same index, ``search(photo, k=5, regions=True)``;
+- default+verify+regions+auto: the same index, ``search(photo, k=5, regions=True,
+  orient="auto")`` (a photo whose upright hits are unsure is tried turned too): the camera
   default, what the web page's camera mode and ``lookalike camera`` do with such an index.
 
 Query ms is the wall time of one ``vs.search(photo_path, k=5, ...)`` call per photo (decoding,
@@ -97,8 +99,9 @@ ROWS = {
     "default+verify": ("verified", {}),
     "default+verify+orient": ("verified", {"orient": True}),
     "default+verify+regions": ("verified", {"regions": True}),
+    "default+verify+regions+auto": ("verified", {"regions": True, "orient": "auto"}),
 }
-CAMERA_DEFAULT = "default+verify+regions"
+CAMERA_DEFAULT = "default+verify+regions+auto"
 TARGET_GROCERY_R1 = 0.50
 TARGET_SIM_R1 = 0.95
 TARGET_MS = 150.0
@@ -258,7 +261,7 @@ def run(protocols: list[str], data: Path, work: Path, limit: int | None, save_ph
                 r = measure(vs, queries, columns, options)
                 r["search_options"] = options
                 results[p]["rows"][row] = r
-                say(f"  {p:<15}{row:<23}" + "  ".join(
+                say(f"  {p:<15}{row:<28}" + "  ".join(
                     f"R@1 {r[f'recall@1[{c}]']:.3f} R@5 {r[f'recall@5[{c}]']:.3f} ({c})" for c in columns)
                     + f"  median {r['median_ms']:.0f} ms  ({r['queries']} queries, {time.perf_counter() - start:.0f} s)")
             vs.close()
@@ -269,7 +272,7 @@ def run(protocols: list[str], data: Path, work: Path, limit: int | None, save_ph
 
 
 def print_table(results: dict, protocols: list[str]) -> None:
-    name_w, cell = 23, 7
+    name_w, cell = 28, 7
     groups = []  # (protocol, column or None for ms)
     for p in protocols:
         for c in results[p]["columns"]:
@@ -307,7 +310,7 @@ def print_table(results: dict, protocols: list[str]) -> None:
     for p in protocols:
         for row in ROWS:
             r = results[p]["rows"][row]
-            line = f"{p:<15}{row:<23}median {r['median_ms']:5.0f} ms, p90 {r['p90_ms']:5.0f} ms"
+            line = f"{p:<15}{row:<28}median {r['median_ms']:5.0f} ms, p90 {r['p90_ms']:5.0f} ms"
             if ROWS[row][0] == "verified":
                 n, v = r["queries"], r["top_verified"]
                 line += f"; top hit verified {v}/{n} ({v / n:.3f})"

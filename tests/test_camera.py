@@ -81,13 +81,16 @@ def test_headless_video_file_finds_each_item_in_turn(sample_index, video):
 
 
 def test_every_ms_is_video_time_and_max_queries_stops(sample_index, video):
-    run = camera(sample_index, "--source", str(video), "--headless", "--every-ms", "200", "--max-queries", "5", "-k", "2")
+    run = camera(sample_index, "--source", str(video), "--headless", "--every-ms", "200", "--max-queries", "5", "-k", "2",
+                 "--orient", "always")
     assert run.returncode == 0, run.stderr
     queries, summary = parse(run.stdout)
     # 200 ms of video is exactly 3 frames at 15 fps: frames 0, 3, 6, ... however fast the machine
     assert [q["frame"] for q in queries] == [0, 3, 6, 9, 12]
     assert all(len(q["hits"]) == 2 and q["hits"][0]["id"] == ITEM_A for q in queries)
     assert summary["queries"] == 5
+    wrong = camera(sample_index, "--source", str(video), "--headless", "--orient", "sideways")
+    assert wrong.returncode == 2 and "--orient" in wrong.stderr
 
 
 def test_ctrl_c_ends_cleanly_with_the_summary(sample_index, tmp_path):

@@ -340,9 +340,24 @@ def test_a_photo_taken_sideways_still_finds_its_item(coil_index, tmp_path):
     one = vs.search(sideways[0], k=3, orient=True)
     assert one.hits[0].metadata["label"] == labels[0] and vs.search(sideways[0], k=3).hits != one.hits
 
+    # orient="auto": only a query whose upright hits are unsure is tried turned (clean coil views
+    # turned sideways mostly still score above ORIENT_UNSURE; the shop photos below do not)
+    assert found(sideways, orient="auto") >= found(sideways)
+    assert found(sideways, orient="auto", regions=True) >= found(sideways, regions=True)
+    plain = vs.search(upright, k=3)
+    sure = [i for i, r in enumerate(plain) if not vs.unsure(r.hits)]
+    assert len(sure) >= 30  # clean coil views score high upright, so they are searched as they are
+    auto = vs.search([upright[i] for i in sure], k=3, orient="auto")
+    assert [r.hits for r in auto] == [plain[i].hits for i in sure]
+    for bad in ("sometimes", 1, None):
+        with pytest.raises(QueryError, match="orient must be true, false or 'auto'"):
+            vs.search(upright[0], orient=bad)
+    with pytest.raises(QueryError, match="'auto' is for search"):
+        vs.evaluate(DATA / "coil-6view" / "queries.csv", orient="auto")
+
     # real phone photos from shops, taken with the phone on its side, find their catalog pictures
     grocery = VisualSearch.build(DATA / "grocery" / "catalog.csv", tmp_path / "g")
-    found_upright = plain = turned = 0
+    found_upright = plain = turned = auto = 0
     for row in list(csv.DictReader(open(DATA / "grocery" / "queries.csv")))[::4]:
         photo = Image.open(DATA / "grocery" / row["image"]).convert("RGB")
         if grocery.search(photo, k=1).hits[0].metadata["label"] != row["label"]:
@@ -351,8 +366,10 @@ def test_a_photo_taken_sideways_still_finds_its_item(coil_index, tmp_path):
         sideways = photo.rotate(270, expand=True)
         plain += grocery.search(sideways, k=1).hits[0].metadata["label"] == row["label"]
         turned += grocery.search(sideways, k=1, orient=True).hits[0].metadata["label"] == row["label"]
-    # measured: 39 found upright; turned sideways, 24 found without orient, 31 with it
+        auto += grocery.search(sideways, k=1, orient="auto").hits[0].metadata["label"] == row["label"]
+    # measured: 39 found upright; turned sideways, 24 found without orient, 31 with it, 34 with orient="auto"
     assert found_upright >= 30 and turned >= 0.75 * found_upright and turned >= plain + 4, (found_upright, plain, turned)
+    assert auto >= plain + 6, (found_upright, plain, auto)
 
 
 @pytest.fixture(scope="module")
@@ -388,6 +405,31 @@ def test_geometric_verification_finds_more_phone_photos_of_printed_products(groc
     queries = [Item(id=r["id"], image=str(p), label=r["label"], metadata={"label": r["label"]}) for r, p in zip(rows, photos)]
     assert vs.evaluate(queries, ks=[1])["recall@1"] == first(verified) / len(rows)
     assert vs.evaluate(queries, ks=[1], verify=False)["recall@1"] == first(plain) / len(rows)
+
+
+def test_query_photos_get_more_keypoints_and_match_as_opencv_does(grocery_verified):
+    """A query photo keeps QUERY_POINTS keypoints, a catalog picture MAX_POINTS (the item may be a small
+    part of it); the matrix-product matcher finds exactly OpenCV's brute-force ratio-test matches."""
+    import csv
+
+    import cv2
+
+    from lookalike import local
+
+    photos = sorted((DATA / "grocery" / "photos" / "God-Morgon-Orange-Juice").glob("*.jpg"))[:3]
+    catalog = [local.extract(Image.open(DATA / "grocery" / r["image"]).convert("RGB"))
+               for r in csv.DictReader(open(DATA / "grocery" / "catalog.csv"))][:12]
+    for path in photos:
+        photo = Image.open(path).convert("RGB")
+        query, as_catalog = local.extract_query(photo), local.extract(photo)
+        assert len(as_catalog) <= local.MAX_POINTS < len(query) <= local.QUERY_POINTS
+        for candidate in catalog:
+            pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(query.descriptors.astype(np.float32),
+                                                        candidate.descriptors.astype(np.float32), k=2)
+            expected = sorted((m.queryIdx, m.trainIdx) for m, n in pairs if m.distance < local.RATIO * n.distance)
+            with local.one_blas_thread():
+                q, c = local._ratio_matches(query.descriptors, candidate.descriptors)
+            assert sorted(zip(q.tolist(), c.tolist())) == expected
 
 
 def test_a_thing_not_in_the_catalog_gets_no_verified_hit_and_a_low_score(grocery_verified, sample_index):

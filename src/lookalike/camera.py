@@ -310,7 +310,7 @@ def run_camera(
     max_queries: int | None = None,
     out: IO[str] | None = None,
     err: IO[str] | None = None,
-    orient: bool = False,
+    orient: bool | str = "auto",
     regions: bool = True,
 ) -> int:
     """Search ``vs`` with frames of ``source`` until it ends; the exit code (0).
@@ -319,8 +319,9 @@ def run_camera(
     (``{"t": s since start, "frame": index, "ms": query latency, "hits": [...]}``), then
     ``{"queries": N, "seconds": S, "queries_per_s": Q}``. A one-line summary goes to ``err``
     (default stderr) in both modes. Raises LookalikeError when OpenCV, the window or the
-    source cannot be used. ``orient``: also try each frame turned by 90/180/270 degrees
-    (a camera held on its side or pointing down). ``regions`` (default on): also search with
+    source cannot be used. ``orient`` (``VisualSearch.search``'s; default "auto": a frame whose
+    hits are unsure is also tried turned by 90/180/270 degrees, for a camera held on its side or
+    pointing down). ``regions`` (default on): also search with
     regions of the frame (``VisualSearch.search``), for an item that fills only part of it.
     """
     out = out or sys.stdout

@@ -329,7 +329,8 @@ def cmd_camera(args) -> int:
     source: int | str = int(args.source) if args.source.isdigit() else args.source
     return run_camera(
         vs, source=source, every_ms=args.every_ms, k=args.k, headless=args.headless,
-        max_queries=args.max_queries, out=sys.stdout, orient=args.orient, regions=args.regions,
+        max_queries=args.max_queries, out=sys.stdout, orient={"auto": "auto", "always": True, "never": False}[args.orient],
+        regions=args.regions,
     )
 
 
@@ -368,7 +369,7 @@ EXPAND_HELP = ("query expansion: search again with the query plus its N nearest 
 
 REGIONS_HELP = ("also search with regions of each query photo (its corners and centre, each 0.6 of the short side) "
                 "and score each item by its best region: finds an item that fills only part of a camera's frame; "
-                "about 6x the featurizing time")
+                "six model runs without the flip, about 3x a query's featurizing time")
 ORIENT_HELP = ("also try each query photo turned by 90, 180 and 270 degrees (taken with the camera on its side) "
                "and keep the turn that matches clearly better; about 4x the featurizing time")
 
@@ -563,9 +564,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queries", type=_positive_int, help="stop after this many queries")
     p.add_argument("--regions", action=argparse.BooleanOptionalAction, default=True, help="also search with the "
                    "frame's corners and centre and score each item by its best region (default on: an item held up "
-                   "to the camera fills only part of the frame; --no-regions is about 6x less featurizing)")
-    p.add_argument("--orient", action="store_true", help="also try each frame turned by 90/180/270 degrees "
-                   "(a camera held sideways; about 4x the featurizing per query)")
+                   "to the camera fills only part of the frame; --no-regions is about 3x less featurizing)")
+    p.add_argument("--orient", choices=("auto", "always", "never"), default="auto", help="try each frame turned "
+                   "by 90/180/270 degrees (a camera held sideways): auto (default) only a frame whose best hit is neither "
+                   "verified nor scores well upright; always (about 4x the featurizing per query); never")
     p.set_defaults(func=cmd_camera)
     return parser
 

@@ -37,6 +37,7 @@ from .backends import create_index, index_class, load_index
 from .index import IndexWarning, check_spec, check_vectors, parse_size, plan_for_memory, prepare
 from .local import LOCAL_ENTRY, MIN_INLIERS, LocalFeatures
 from .local import extract as extract_local
+from .local import extract_query, one_blas_thread
 from .local import inliers as local_inliers
 from .models import (DEFAULT_MODEL, Weights, file_sha256, get_spec, read_model_config, resolve_weights,
                      spec_from_manifest, with_features)
@@ -49,6 +50,13 @@ QE_ALPHA = 3.0  # query expansion: a neighbour's weight is its score to the quer
 MAX_EXPAND = 50
 VERIFY_SHORTLIST = 20  # candidates from the global search that geometric verification looks at
 ORIENT_MARGIN = 0.05  # a turned query photo wins when its best hit scores this much above the upright one's
+# orient="auto": a query is tried turned only when its best hit is not verified and scores below
+# this (cosine); then the best turn wins with no margin, since the upright search already failed.
+# From a one-off scan of benchmarks/camera.py's photos (regions, verification): camera-sim recall@1
+# 0.907 -> 0.935 (a quarter of its photos are turned) with 0.17 of its queries tried turned;
+# grocery-iconic (all upright) 0.521 -> 0.527, 0.64 of them tried. A threshold of 0.6: 0.932, 0.56.
+ORIENT_UNSURE = 0.5
+ORIENTS = (False, True, "auto")
 INT8_MODEL = "model-int8.onnx"  # an int8 index's own quantized model, in its directory
 INT8_CALIBRATION = 64  # catalog images (evenly spaced) that calibrate an int8 model
 
@@ -479,7 +487,7 @@ class VisualSearch:
         filter: dict[str, Any] | None = None,
         min_score: float | None = None,
         expand: int = 0,
-        orient: bool = False,
+        orient: bool | str = False,
         verify: bool | None = None,
         regions: bool = False,
     ):
@@ -493,19 +501,24 @@ class VisualSearch:
         similarities to the expanded query.
         ``orient``: also try each query image turned by 90, 180 and 270 degrees (a photo taken
         with the camera on its side) and keep the turn whose best hit scores ORIENT_MARGIN
-        above the upright one's; about 4x the featurizing time.
+        above the upright one's; about 4x the featurizing time. ``orient="auto"``: only a query
+        whose hits are ``unsure`` (the best neither verified nor scoring ORIENT_UNSURE) is tried
+        turned, after its upright search, and the turn whose best hit (best region) scores highest
+        is kept: the live camera's choice, which costs nothing on a photo that is found upright.
         ``verify``: geometric verification of the best VERIFY_SHORTLIST candidates against the
-        query's local features (default: when the index was built with local features); hits
+        query's local features (``local.extract_query``; default: when the index was built with local features); hits
         verified by enough inliers come first, the others keep their order. ``min_score`` never
         drops a verified hit.
         ``regions``: also search with regions of each query image (``featurizer.region_boxes``:
         the whole picture, and squares of REGION_SCALE of it at the corners and the centre) and
         score each item by its best region: an item that fills only part of a camera's frame is
-        found far more often; about REGIONS x the featurizing time. With ``orient``, the turn
+        found far more often; REGIONS model runs without the flip averaging, about 3x a query's
+        featurizing time. With ``orient``, the turn
         is chosen first, on the whole picture.
         """
         _check_k(k)
         _check_expand(expand)
+        _check_orient(orient)
         if min_score is not None and not (isinstance(min_score, (int, float)) and math.isfinite(min_score)):
             raise QueryError(f"min_score must be a finite number, got {min_score!r}")
         sources, single = self._as_list(queries)
@@ -513,8 +526,8 @@ class VisualSearch:
         pending = None
         if self._verifying(verify):  # decode once; local features are extracted while the model runs
             sources = [s if _is_vector(s) else load_image(s, policy=self.policy) for s in sources]
-            pending = [None if _is_vector(s) else self._workers().submit(extract_local, s) for s in sources]
-        if orient:
+            pending = [None if _is_vector(s) else self._workers().submit(extract_query, s) for s in sources]
+        if orient is True:
             turned = self._vectors(sources, turned=True)
             best = self._best_turn(turned, self._subset(filter))
             vectors = self._vectors(sources, turns=[TURNS[t] for t in best]) if regions else turned[np.arange(len(best)), best]
@@ -522,6 +535,14 @@ class VisualSearch:
             vectors = self._vectors(sources, turns=[0] * len(sources) if regions else None)
         local = None if pending is None else [None if f is None else f.result() for f in pending]
         found = self._search_vectors(vectors, k, filter, expand, local)
+        if orient == "auto":
+            for q, source in enumerate(sources):
+                if not _is_vector(source) and self.unsure(found[q]):
+                    turned = self.turned(source, vectors[q])
+                    turn = int(self._best_turn(turned[None], self._subset(filter), margin=0.0)[0])
+                    if turn:
+                        found[q] = self._search_vectors(turned[turn][None], k, filter, expand,
+                                                        None if local is None else [local[q]])[0]
         if min_score is not None:
             found = [[h for h in hits if h.score >= min_score or h.verified] for hits in found]
         results = [SearchResult(q, hits) for q, hits in zip(names, found)]
@@ -649,30 +670,49 @@ class VisualSearch:
             blobs = stored.get(int(int_id))
             return local_inliers(query, LocalFeatures.from_blobs(*blobs)) if blobs is not None else 0
 
-        return np.fromiter(self._workers().map(count, int_ids), dtype=np.int64, count=len(int_ids))
+        with one_blas_thread():
+            return np.fromiter(self._workers().map(count, int_ids), dtype=np.int64, count=len(int_ids))
 
-    def best_turn(self, turned: np.ndarray, filter: dict[str, Any] | None = None) -> np.ndarray:
+    def best_turn(self, turned: np.ndarray, filter: dict[str, Any] | None = None, margin: float = ORIENT_MARGIN) -> np.ndarray:
         """Which turn to search each query with, given it upright and turned ([n, 4, dim], as
-        ``Featurizer.featurize_turned`` makes them) -> positions into TURNS; see ``search(orient=True)``."""
+        ``Featurizer.featurize_turned`` makes them, or [n, 4, regions, dim]: each turn's regions)
+        -> positions into TURNS; see ``search(orient=...)`` (``orient="auto"`` uses margin 0)."""
         turned = np.asarray(turned, dtype=np.float32)
-        if turned.ndim != 3 or turned.shape[1:] != (len(TURNS), self.dim):
-            raise QueryError(f"expected vectors of shape [n, {len(TURNS)}, {self.dim}], got {list(turned.shape)}")
-        return self._best_turn(turned, self._subset(filter))
+        if turned.ndim not in (3, 4) or turned.shape[1] != len(TURNS) or turned.shape[-1] != self.dim:
+            raise QueryError(f"expected vectors of shape [n, {len(TURNS)}, {self.dim}] or [n, {len(TURNS)}, regions, "
+                             f"{self.dim}], got {list(turned.shape)}")
+        return self._best_turn(turned, self._subset(filter), margin)
 
-    def _best_turn(self, turned: np.ndarray, subset: np.ndarray | None = None) -> np.ndarray:
-        """From [n, 4, dim] vectors of each query turned 0/90/180/270 degrees, the turn to search
-        with (positions into TURNS).
+    def _best_turn(self, turned: np.ndarray, subset: np.ndarray | None = None, margin: float = ORIENT_MARGIN) -> np.ndarray:
+        """From [n, 4, dim] vectors of each query turned 0/90/180/270 degrees (or [n, 4, regions,
+        dim]: a turn scores by its best region), the turn to search with (positions into TURNS).
 
-        A turn replaces the upright query only when its best hit scores ORIENT_MARGIN higher: on
-        upright photos a turn then almost never wins by chance (measured on coil-6view and
-        grocery-iconic, recall@1 fell by at most 0.004), on photos taken sideways it usually wins.
+        A turn replaces the upright query only when its best hit scores ``margin`` higher: with
+        ORIENT_MARGIN a turn of an upright photo then almost never wins by chance (measured on
+        coil-6view and grocery-iconic, recall@1 fell by at most 0.004), on photos taken sideways it
+        usually wins.
         """
-        n, turns, dim = turned.shape
+        n, turns, dim = turned.shape[0], turned.shape[1], turned.shape[-1]
         if len(self._index) == 0 or (subset is not None and len(subset) == 0):
             return np.zeros(n, np.int64)
-        top = self._index.search(turned.reshape(n * turns, dim), 1, subset=subset)[0][:, 0].reshape(n, turns)
+        top = self._index.search(turned.reshape(-1, dim), 1, subset=subset)[0][:, 0].reshape(n, turns, -1).max(axis=2)
         best = top.argmax(axis=1)
-        return np.where(top[np.arange(n), best] > top[:, 0] + ORIENT_MARGIN, best, 0)
+        return np.where(top[np.arange(n), best] > top[:, 0] + margin, best, 0)
+
+    @staticmethod
+    def unsure(hits: list[Hit]) -> bool:
+        """Whether a query's hits call for trying it turned (``orient="auto"``): none, or the best
+        neither verified nor scoring ORIENT_UNSURE."""
+        return not hits or (not hits[0].verified and hits[0].score < ORIENT_UNSURE)
+
+    def turned(self, image: Any, upright: np.ndarray) -> np.ndarray:
+        """An image's query vectors upright (``upright``: [dim], or [REGIONS, dim] from
+        ``featurize_regions``) and turned by 90, 180 and 270 degrees, the same kind: [4, ...]."""
+        if upright.ndim == 2:
+            rest = self.featurizer.featurize_regions([image] * 3, list(TURNS[1:]))
+        else:
+            rest = self.featurizer.featurize_turned([image])[0, 1:]
+        return np.concatenate([upright[None], rest])
 
     def _expanded(
         self, vectors: np.ndarray, n: int, subset: np.ndarray | None = None, exclude: np.ndarray | None = None
@@ -862,6 +902,8 @@ class VisualSearch:
         stored local features).
         """
         _check_expand(expand)
+        if not isinstance(orient, bool):
+            raise QueryError(f"evaluate: orient must be true or false ('auto' is for search), got {orient!r}", subject=orient)
         ks = sorted({int(k) for k in ks})
         if not ks or ks[0] < 1:
             raise QueryError(f"k values must be >= 1, got {list(ks)}")
@@ -970,7 +1012,7 @@ class VisualSearch:
         """Each evaluate query's local features: stored ones for an item of the index, else extracted."""
         stored = self._items.local_features(self_ids[self_ids >= 0])
         todo = [q for q in range(len(items)) if keep[q] and int(self_ids[q]) not in stored]
-        blobs = _local_blobs([items[q] for q in todo], np.arange(len(todo)), self.policy, None)
+        blobs = _local_blobs([items[q] for q in todo], np.arange(len(todo)), self.policy, None, extract_query)
         out: list[LocalFeatures | None] = [None] * len(items)
         for q in range(len(items)):
             if int(self_ids[q]) in stored:
@@ -1148,15 +1190,17 @@ def _shards_on_ray(featurizer: Featurizer, items: list[Item], shards, missing: l
 
 
 def _local_blobs(
-    items: list[Item], int_ids: np.ndarray, policy: ImagePolicy, progress: ProgressFactory | None
+    items: list[Item], int_ids: np.ndarray, policy: ImagePolicy, progress: ProgressFactory | None,
+    extract: Callable[[Any], LocalFeatures] = extract_local,
 ) -> dict[int, tuple[bytes, bytes]]:
-    """int id -> local feature blobs of each item, extracted on every core (OpenCV releases the GIL).
+    """int id -> local feature blobs of each item (``extract``: a catalog picture's, or
+    ``extract_query`` for query photos), extracted on every core (OpenCV releases the GIL).
 
     An image that cannot be read now (it was a moment ago) just gets no local features.
     """
     def one(item: Item):
         try:
-            return extract_local(load_image(item.image, policy=policy)).to_blobs()
+            return extract(load_image(item.image, policy=policy)).to_blobs()
         except ImageError:
             return None
 
@@ -1231,6 +1275,11 @@ def _verified_first(inliers: np.ndarray) -> np.ndarray:
 def _check_expand(expand: Any) -> None:
     if isinstance(expand, bool) or not isinstance(expand, (int, np.integer)) or not 0 <= expand <= MAX_EXPAND:
         raise QueryError(f"expand must be a whole number from 0 to {MAX_EXPAND}, got {expand!r}", subject=expand)
+
+
+def _check_orient(orient: Any) -> None:
+    if not any(orient is o or (isinstance(o, str) and orient == o) for o in ORIENTS):
+        raise QueryError(f"orient must be true, false or 'auto', got {orient!r}", subject=orient)
 
 
 def _check_k(k: Any) -> None:

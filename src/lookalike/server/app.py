@@ -63,8 +63,8 @@ from ..errors import (
 from ..featurizer import REGIONS, TURNS
 from ..images import ImagePolicy, is_url, load_image
 from ..local import LocalFeatures
-from ..local import extract as extract_local
-from ..types import Item, SearchResult
+from ..local import extract_query
+from ..types import Hit, Item, SearchResult
 from . import sagemaker
 from .metrics import Metrics
 
@@ -529,19 +529,24 @@ def _int_param(value: Any, name: str, low: int, high: int) -> int:
     return number
 
 
-ORIENT_DOC = "also try each photo turned by 90, 180 and 270 degrees (about 4x the featurizing time)"
+ORIENT_DOC = ("also try each photo turned by 90, 180 and 270 degrees (about 4x the featurizing time); auto: only a "
+              "photo whose best hit is neither verified nor scores well upright (the web page's camera mode)")
 REGIONS_DOC = ("also search with regions of each photo (its corners and centre) and score each item by its best region: "
-               "finds an item that fills only part of the frame (about 6x the featurizing time)")
+               "finds an item that fills only part of the frame (six model runs without the flip: about 3x the featurizing time)")
 VERIFY_DOC = ("geometric verification of the best candidates with local features (default: on when the index has "
               "them); verified hits come first and carry inliers and verified")
 BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False}  # a yes/no in a query string or form field
 
 
-def _bool_param(value: Any, name: str) -> bool:
+def _orient_param(value: Any) -> bool | str:
+    return "auto" if value == "auto" else _bool_param(value, "orient", " or auto")
+
+
+def _bool_param(value: Any, name: str, also: str = "") -> bool:
     if isinstance(value, bool):
         return value
     if value not in BOOL_WORDS:
-        raise QueryError(f"{name} must be true, false, 1 or 0, got {str(value)[:40]!r}")
+        raise QueryError(f"{name} must be true, false, 1 or 0{also}, got {str(value)[:40]!r}")
     return BOOL_WORDS[value]
 
 
@@ -781,8 +786,8 @@ def create_app(settings: ServerSettings):
             if "expand" in body and (not isinstance(body["expand"], int) or isinstance(body["expand"], bool)):
                 raise QueryError(f"expand must be a whole number from 0 to {MAX_EXPAND}")
             for key in ("orient", "verify", "regions"):
-                if key in body and not isinstance(body[key], bool):
-                    raise QueryError(f"{key} must be true or false")
+                if key in body and not isinstance(body[key], bool) and not (key == "orient" and body[key] == "auto"):
+                    raise QueryError(f"{key} must be true or false" + (' or "auto"' if key == "orient" else ""))
             if "min_score" in body and (not isinstance(body["min_score"], (int, float)) or isinstance(body["min_score"], bool)):
                 raise QueryError("min_score must be a finite number")
             if "filter" in body and not isinstance(body["filter"], dict):
@@ -797,7 +802,7 @@ def create_app(settings: ServerSettings):
         )
 
     def run_search(
-        queries: list[Query], k: int, filter: dict | None, min_score: float | None, expand: int, orient: bool,
+        queries: list[Query], k: int, filter: dict | None, min_score: float | None, expand: int, orient: bool | str,
         verify: bool | None, regions: bool = False,
     ) -> tuple[list[dict[str, Any]], int]:
         # One image decoded and featurized at a time, outside the index lock: a request's memory is
@@ -809,6 +814,8 @@ def create_app(settings: ServerSettings):
         verifying = shared.vs.has_local_features if verify is None else verify
         inputs: list[Any] = []
         local: list[LocalFeatures | None] = []
+        settled: dict[int, list[Hit]] = {}  # orient="auto": queries searched one by one, as search() does
+        generation = None
         for q in queries:
             if q.vector is not None:
                 vector = np.asarray(q.vector, np.float32)
@@ -818,7 +825,7 @@ def create_app(settings: ServerSettings):
             image = load_image(q.url if q.url is not None else q.data, policy=policy, draft_size=draft, name=q.name)
             q.data = None
             turn = 0
-            if orient:
+            if orient is True:
                 with shared.compute:
                     turned = featurizer.featurize_turned([image])
                 with shared.reading() as vs:
@@ -826,17 +833,43 @@ def create_app(settings: ServerSettings):
             with shared.compute:
                 if regions:
                     inputs.append(featurizer.featurize_regions([image], [TURNS[turn]])[0])
-                elif orient:
+                elif orient is True:
                     inputs.append(turned[0, turn])
                 else:
                     inputs.append(featurizer.featurize([image], strict=True).vectors[0])
-                local.append(extract_local(image) if verifying else None)
+                local.append(extract_query(image) if verifying else None)
+            if orient == "auto":
+                settled[len(inputs) - 1], generation = search_turned(image, inputs[-1], local[-1], k, filter, expand, verifying)
             del image
-        with shared.reading() as vs:
-            found = vs.search_vectors(np.stack(inputs), k=k, filter=filter, min_score=min_score, expand=expand,
-                                      local=local if verifying else None)
-            generation = vs.generation
+        todo = [i for i in range(len(inputs)) if i not in settled]
+        if todo:
+            with shared.reading() as vs:
+                hits = vs.search_vectors(np.stack([inputs[i] for i in todo]), k=k, filter=filter, expand=expand,
+                                         local=[local[i] for i in todo] if verifying else None)
+                generation = vs.generation
+            settled.update(zip(todo, hits))
+        found = [settled[i] for i in range(len(inputs))]
+        if min_score is not None:
+            found = [[h for h in hits if h.score >= min_score or h.verified] for hits in found]
         return [{"query": q.name, "hits": [_hit_dict(h) for h in hits]} for q, hits in zip(queries, found)], generation
+
+    def search_turned(image, upright: np.ndarray, local: LocalFeatures | None, k: int, filter: dict | None,
+                      expand: int, verifying: bool) -> tuple[list[Hit], int]:
+        """orient="auto" for one query (VisualSearch.search's): its hits upright, or from its best
+        turn when those are unsure; featurizing outside the index lock."""
+        with shared.reading() as vs:
+            hits = vs.search_vectors(upright[None], k=k, filter=filter, expand=expand, local=[local] if verifying else None)[0]
+            generation = vs.generation
+        if not vs.unsure(hits):
+            return hits, generation
+        with shared.compute:
+            turned = shared.vs.turned(image, upright)
+        with shared.reading() as vs:
+            turn = int(vs.best_turn(turned[None], filter=filter, margin=0.0)[0])
+            if turn:
+                hits = vs.search_vectors(turned[turn][None], k=k, filter=filter, expand=expand,
+                                         local=[local] if verifying else None)[0]
+            return hits, vs.generation
 
     # Image URLs are part of the schema only when the service fetches them (--allow-urls).
     url_field = {"image_url": {"type": "string", "format": "uri", "description": "an image URL"}} if settings.allow_urls else {}
@@ -858,7 +891,7 @@ def create_app(settings: ServerSettings):
                 "min_score": {"type": "number"},
                 "filter": {"type": "string", "description": 'a JSON object, e.g. {"colour": "Black"}'},
                 "expand": expand_schema,
-                "orient": {"type": "string", "enum": list(BOOL_WORDS), "description": ORIENT_DOC},
+                "orient": {"type": "string", "enum": [*BOOL_WORDS, "auto"], "description": ORIENT_DOC},
                 "verify": {"type": "string", "enum": list(BOOL_WORDS), "description": VERIFY_DOC},
                 "regions": {"type": "string", "enum": list(BOOL_WORDS), "description": REGIONS_DOC},
             },
@@ -874,7 +907,7 @@ def create_app(settings: ServerSettings):
                 "min_score": {"type": "number"},
                 "filter": _FILTER_SCHEMA,
                 "expand": expand_schema,
-                "orient": {"type": "boolean", "description": ORIENT_DOC},
+                "orient": {"oneOf": [{"type": "boolean"}, {"const": "auto"}], "description": ORIENT_DOC},
                 "verify": {"type": "boolean", "description": VERIFY_DOC},
                 "regions": {"type": "boolean", "description": REGIONS_DOC},
             },
@@ -899,7 +932,7 @@ def create_app(settings: ServerSettings):
         min_score: float | None = QueryParam(None, description="hits scoring below it are dropped"),
         filter: str | None = QueryParam(None, description='a JSON object of metadata equalities, e.g. {"colour": "Black"}'),
         expand: int | None = QueryParam(None, ge=0, le=MAX_EXPAND, description="query expansion over that many nearest items (0: off)"),
-        orient: Literal["true", "false", "1", "0"] | None = QueryParam(None, description=ORIENT_DOC),
+        orient: Literal["true", "false", "1", "0", "auto"] | None = QueryParam(None, description=ORIENT_DOC),
         verify: Literal["true", "false", "1", "0"] | None = QueryParam(None, description=VERIFY_DOC),
         regions: Literal["true", "false", "1", "0"] | None = QueryParam(None, description=REGIONS_DOC),
     ):
@@ -909,9 +942,10 @@ def create_app(settings: ServerSettings):
         (hits below it are dropped: no match is an empty list), ``filter`` (JSON object of
         metadata equalities; a list value means any of), ``expand`` (query expansion; the scores
         are then similarities to the expanded query), ``orient`` (also try each photo turned by
-        90, 180 and 270 degrees; about 4x the featurizing time), ``verify`` (geometric
-        verification; on by default when the index has local features), ``regions`` (also search
-        with regions of each photo, each item scored by its best region; about 6x the featurizing).
+        90, 180 and 270 degrees; about 4x the featurizing time; ``auto``: only a photo whose hits
+        are unsure), ``verify`` (geometric verification; on by default when the index has local
+        features), ``regions`` (also search with regions of each photo, each item scored by its
+        best region; about 3x the featurizing).
         """
         start = time.perf_counter()
         require_read_key(request)
@@ -920,7 +954,7 @@ def create_app(settings: ServerSettings):
         min_score_ = _float_param(params["min_score"], "min_score") if params.get("min_score") not in (None, "") else None
         filter_ = _filter_param(params.get("filter"))
         expand_ = _int_param(params.get("expand", 0), "expand", 0, MAX_EXPAND)
-        orient_ = _bool_param(params.get("orient", False), "orient")
+        orient_ = _orient_param(params.get("orient", False))
         verify_ = _bool_param(params["verify"], "verify") if params.get("verify") is not None else None
         regions_ = _bool_param(params.get("regions", False), "regions")
         async with gate.enter():

@@ -546,8 +546,10 @@
       const blob = await grabFrame();
       if (session !== camera.session) return;
       // ask for a few more than k per frame so the vote has something to work with; search the
-      // frame's corners and centre too (regions): an item held up fills only part of the frame
-      const data = await postSearch(blob, "camera.jpg", Math.min(100, k * 2), minScore, undefined, { regions: "true" });
+      // frame's corners and centre too (regions): an item held up fills only part of the frame;
+      // a frame found neither verified nor well upright is tried turned (orient=auto)
+      const data = await postSearch(blob, "camera.jpg", Math.min(100, k * 2), minScore, undefined,
+                                    { regions: "true", orient: "auto" });
       if (session !== camera.session) return;
       const t1 = performance.now();
       camera.done.push(t1);
