@@ -5,9 +5,8 @@ fit one perspective mapping (a homography); two different products share few. ``
 at most MAX_POINTS SIFT keypoints in a catalog image scaled to SIZE pixels on its long side and
 keeps their positions (float32) and descriptors (uint8: SIFT values are 0..255 by construction);
 ``extract_query`` keeps QUERY_POINTS of a query photo, since the item may fill only part of the
-frame; ``inliers`` matches two sets (nearest neighbours with Lowe's
-ratio test) and counts the matches that RANSAC fits to one homography. A candidate with at least
-MIN_INLIERS is "verified".
+frame; ``inliers`` matches two sets (nearest neighbours with Lowe's ratio test) and counts the
+matches that RANSAC fits to one homography. A candidate with at least MIN_INLIERS is "verified".
 
 Needs OpenCV (``opencv-python-headless``, a dependency of lookalike).
 """
@@ -43,7 +42,7 @@ LOCAL_ENTRY = {"kind": "sift", "size": SIZE, "max_points": MAX_POINTS}  # what t
 
 @dataclass(frozen=True)
 class LocalFeatures:
-    """Keypoint positions float32 [n, 2] (in the scaled image they were found in) and SIFT descriptors uint8 [n, 128]."""
+    """Keypoint positions float32 [n, 2] (at SIZE scale) and SIFT descriptors uint8 [n, 128]."""
 
     points: np.ndarray
     descriptors: np.ndarray
