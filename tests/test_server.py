@@ -114,6 +114,10 @@ def test_min_score_filter_and_k_larger_than_the_catalog(client):
     assert [h["metadata"]["label"] for h in form.json()["results"][0]["hits"]] == ["Jeans", "Jeans"]
     everything = upload(client, JEANS, k=1000).json()["results"][0]["hits"]
     assert len(everything) == len(CATALOG)
+    # whole numbers are matched as 64-bit integers: one past the range is refused, the edges are not
+    assert_error(upload(client, JEANS, filter=json.dumps({"year": 2**63})), 422, "out of the 64-bit range")
+    for edge in (2**63 - 1, -2**63):
+        assert upload(client, JEANS, filter=json.dumps({"year": edge})).json()["results"][0]["hits"] == []
 
 
 def test_query_expansion_answers_as_the_python_api_does(client, sample_index):

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from .errors import IndexBusyError, StoreError
-from .types import Item
+from .types import Item, fits_int64
 
 FORMAT_VERSION = 1
 MANIFEST = "lookalike.json"
@@ -699,7 +699,7 @@ def _has_local_table(conn: sqlite3.Connection) -> bool:
 def _sql_value(v: Any) -> Any:
     if isinstance(v, bool):
         return int(v)
-    if isinstance(v, int) and not -2**63 <= v < 2**63:
+    if isinstance(v, int) and not fits_int64(v):
         return float(v)  # SQLite's integers are 64-bit; json_extract reads such numbers as reals
     if isinstance(v, (int, float, str)) or v is None:
         return v

@@ -6,6 +6,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+def fits_int64(value: int) -> bool:
+    """Whether a whole number fits a signed 64-bit integer, as SQLite, Milvus and the service keep them."""
+    return -2**63 <= value < 2**63
+
+
 @dataclass(frozen=True)
 class Item:
     """One catalog entry: a stable string id, where its image is, its label and other metadata.

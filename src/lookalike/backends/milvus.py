@@ -42,7 +42,7 @@ import numpy as np
 
 from ..errors import BackendError, IndexError_, QueryError
 from ..index import VectorIndex, check_k, check_vectors, no_hits, plan_index, prepare
-from ..types import IndexSpec
+from ..types import IndexSpec, fits_int64
 
 INDEX_TYPES = {"flat": "FLAT", "hnsw": "HNSW", "ivf": "IVF_FLAT", "ivfsq8": "IVF_SQ8"}
 METRIC_TYPES = {"cosine": "IP", "ip": "IP", "l2": "L2"}
@@ -169,7 +169,7 @@ def _check_lite_free(path: str) -> None:
 def _literal(value: Any, key: str) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int) and not INT64[0] <= value <= INT64[1]:
+    if isinstance(value, int) and not fits_int64(value):
         value = float(value)  # as the stored metadata has it (``_json_value``)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if not np.isfinite(value):
@@ -195,9 +195,6 @@ def filter_expression(where: dict[str, Any]) -> str:
     return " and ".join(clauses)
 
 
-INT64 = (-2**63, 2**63 - 1)
-
-
 def _json_value(value: Any) -> Any:
     """Metadata as Milvus's JSON field takes it: whole numbers past 64 bits become floats (as
     SQLite's json_extract reads them), anything JSON has no form for becomes its text."""
@@ -208,7 +205,7 @@ def _json_value(value: Any) -> Any:
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
     if isinstance(value, int):
-        return value if INT64[0] <= value <= INT64[1] else float(value)
+        return value if fits_int64(value) else float(value)
     if isinstance(value, float):
         return value if np.isfinite(value) else None
     return json.loads(json.dumps(value, default=str))

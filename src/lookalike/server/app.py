@@ -62,9 +62,8 @@ from ..errors import (
 )
 from ..featurizer import REGIONS, TURNS
 from ..images import ImagePolicy, is_url, load_image
-from ..local import LocalFeatures
-from ..local import extract_query
-from ..types import Hit, Item, SearchResult
+from ..local import LocalFeatures, extract_query
+from ..types import Hit, Item, SearchResult, fits_int64
 from . import sagemaker
 from .metrics import Metrics
 
@@ -468,9 +467,6 @@ def _item_dict(item: Item) -> dict[str, Any]:
 # --- request parsing ----------------------------------------------------------------------
 
 
-_INT64 = 2**63
-
-
 def _no_constant(name: str):
     raise QueryError(f"{name} is not allowed in JSON: numbers must be finite")
 
@@ -492,7 +488,7 @@ def _check_json(value: Any, where: str, depth: int = 0) -> None:
         except UnicodeEncodeError:
             raise QueryError(f"{where}: text holds an unpaired surrogate (\\ud800-\\udfff), which is not valid Unicode") from None
     elif isinstance(value, int) and not isinstance(value, bool):
-        if not -_INT64 <= value < _INT64:
+        if not fits_int64(value):
             raise QueryError(f"{where}: integer {str(value)[:40]} is out of the 64-bit range")
     elif isinstance(value, dict):
         for key, v in value.items():
