@@ -543,9 +543,7 @@ class VisualSearch:
                     if turn:
                         found[q] = self._search_vectors(turned[turn][None], k, filter, expand,
                                                         None if local is None else [local[q]])[0]
-        if min_score is not None:
-            found = [[h for h in hits if h.score >= min_score or h.verified] for hits in found]
-        results = [SearchResult(q, hits) for q, hits in zip(names, found)]
+        results = [SearchResult(q, self.passing(hits, min_score)) for q, hits in zip(names, found)]
         return results[0] if single else results
 
     def search_vectors(
@@ -559,7 +557,7 @@ class VisualSearch:
     ) -> list[list[Hit]]:
         """search() for callers that featurize themselves: vectors [n, dim], or [n, regions, dim]
         (``Featurizer.featurize_regions``: each item scored by its best region), and, to verify,
-        each query's local features (``local.extract``; None for a query without)."""
+        each query's local features (``local.extract_query``; None for a query without)."""
         _check_k(k)
         _check_expand(expand)
         vectors = _query_vectors(vectors, self.dim)
@@ -567,10 +565,7 @@ class VisualSearch:
             raise QueryError(f"{len(vectors)} query vectors but {len(local)} local feature sets")
         if local is not None and not self.has_local_features:
             local = None
-        found = self._search_vectors(vectors, k, filter, expand, local)
-        if min_score is not None:
-            found = [[h for h in hits if h.score >= min_score or h.verified] for hits in found]
-        return found
+        return [self.passing(hits, min_score) for hits in self._search_vectors(vectors, k, filter, expand, local)]
 
     @property
     def one_process(self) -> bool:
@@ -700,6 +695,11 @@ class VisualSearch:
         return np.where(top[np.arange(n), best] > top[:, 0] + margin, best, 0)
 
     @staticmethod
+    def passing(hits: list[Hit], min_score: float | None) -> list[Hit]:
+        """The hits ``min_score`` keeps: those scoring at least it, and every verified one."""
+        return hits if min_score is None else [h for h in hits if h.score >= min_score or h.verified]
+
+    @staticmethod
     def unsure(hits: list[Hit]) -> bool:
         """Whether a query's hits call for trying it turned (``orient="auto"``): none, or the best
         neither verified nor scoring ORIENT_UNSURE."""
@@ -708,7 +708,8 @@ class VisualSearch:
     def turned(self, image: Any, upright: np.ndarray) -> np.ndarray:
         """An image's query vectors upright (``upright``: [dim], or [REGIONS, dim] from
         ``featurize_regions``) and turned by 90, 180 and 270 degrees, the same kind: [4, ...]."""
-        if upright.ndim == 2:
+        if upright.ndim == 2:  # decoded (or fetched) once for the three turns
+            image = load_image(image, policy=self.policy, draft_size=self.featurizer.draft_size(regions=True))
             rest = self.featurizer.featurize_regions([image] * 3, list(TURNS[1:]))
         else:
             rest = self.featurizer.featurize_turned([image])[0, 1:]

@@ -844,9 +844,7 @@ def create_app(settings: ServerSettings):
                                          local=[local[i] for i in todo] if verifying else None)
                 generation = vs.generation
             settled.update(zip(todo, hits))
-        found = [settled[i] for i in range(len(inputs))]
-        if min_score is not None:
-            found = [[h for h in hits if h.score >= min_score or h.verified] for hits in found]
+        found = [VisualSearch.passing(settled[i], min_score) for i in range(len(inputs))]
         return [{"query": q.name, "hits": [_hit_dict(h) for h in hits]} for q, hits in zip(queries, found)], generation
 
     def search_turned(image, upright: np.ndarray, local: LocalFeatures | None, k: int, filter: dict | None,
@@ -856,7 +854,7 @@ def create_app(settings: ServerSettings):
         with shared.reading() as vs:
             hits = vs.search_vectors(upright[None], k=k, filter=filter, expand=expand, local=[local] if verifying else None)[0]
             generation = vs.generation
-        if not vs.unsure(hits):
+        if not VisualSearch.unsure(hits):
             return hits, generation
         with shared.compute:
             turned = shared.vs.turned(image, upright)
