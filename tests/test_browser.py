@@ -333,7 +333,7 @@ def test_camera_finds_the_filmed_item(browser, server):
         wait_until(page, "n => +document.getElementById('rate').dataset.queries >= n", seen + 4)
         assert page.eval_on_selector("#results .hit", "e => e.__mark === 1 && e.dataset.id") == CAMERA_ITEM
         assert page.evaluate("window.__searches.max") == 1
-        assert page.evaluate("window.__searches.urls.every(u => new URL(u).searchParams.get('regions') === 'true')")
+        assert page.evaluate("window.__searches.urls.every(u => new URL(u).searchParams.get('regions') === 'auto')")
         assert page.evaluate("window.__searches.urls.every(u => new URL(u).searchParams.get('orient') === 'auto')")
 
         page.eval_on_selector("#camera-video", "v => { window.__tracks = v.srcObject.getTracks() }")

@@ -82,7 +82,7 @@ def test_headless_video_file_finds_each_item_in_turn(sample_index, video):
 
 def test_every_ms_is_video_time_and_max_queries_stops(sample_index, video):
     run = camera(sample_index, "--source", str(video), "--headless", "--every-ms", "200", "--max-queries", "5", "-k", "2",
-                 "--orient", "always")
+                 "--orient", "always", "--regions", "always")
     assert run.returncode == 0, run.stderr
     queries, summary = parse(run.stdout)
     # 200 ms of video is exactly 3 frames at 15 fps: frames 0, 3, 6, ... however fast the machine
@@ -91,6 +91,8 @@ def test_every_ms_is_video_time_and_max_queries_stops(sample_index, video):
     assert summary["queries"] == 5
     wrong = camera(sample_index, "--source", str(video), "--headless", "--orient", "sideways")
     assert wrong.returncode == 2 and "--orient" in wrong.stderr
+    wrong = camera(sample_index, "--source", str(video), "--headless", "--regions", "sometimes")
+    assert wrong.returncode == 2 and "--regions" in wrong.stderr and "'never'" in wrong.stderr
 
 
 def test_ctrl_c_ends_cleanly_with_the_summary(sample_index, tmp_path):

@@ -341,7 +341,7 @@ def test_a_photo_taken_sideways_still_finds_its_item(coil_index, tmp_path):
     assert one.hits[0].metadata["label"] == labels[0] and vs.search(sideways[0], k=3).hits != one.hits
 
     # orient="auto": only a query whose upright hits are unsure is tried turned (clean coil views
-    # turned sideways mostly still score above ORIENT_UNSURE; the shop photos below do not)
+    # turned sideways mostly still score above UNSURE; the shop photos below do not)
     assert found(sideways, orient="auto") >= found(sideways)
     assert found(sideways, orient="auto", regions=True) >= found(sideways, regions=True)
     plain = vs.search(upright, k=3)
@@ -541,3 +541,23 @@ def test_regions_find_an_item_that_fills_only_part_of_a_camera_frame(tmp_path):
     # a vector query is the same in every region: the same hits as without regions
     vector = vs.featurize(queries[1][1])[0]
     assert [h.id for h in vs.search(vector, k=5, regions=True).hits] == [h.id for h in vs.search(vector, k=5).hits]
+
+    # regions="auto": a photo whose hits are unsure takes a second look with the finer grid
+    photos = [q[1] for q in queries]
+    by_mode = {mode: vs.search(photos, k=5, regions=mode) for mode in (True, "auto")}
+    found = {mode: sum(r.hits[0].metadata["label"] == q[2] for r, q in zip(results, queries))
+             for mode, results in by_mode.items()}
+    assert found["auto"] >= found[True], found
+    unsure = [i for i, r in enumerate(by_mode[True]) if vs.unsure(r.hits)]
+    assert 0 < len(unsure) < len(queries)
+    for i, (plain, auto) in enumerate(zip(by_mode[True], by_mode["auto"])):
+        if i not in unsure:  # a sure photo takes no second look (searched alone: scores equal to float error)
+            assert [h.id for h in auto.hits] == [h.id for h in plain.hits]
+            assert np.allclose([h.score for h in auto.hits], [h.score for h in plain.hits], atol=1e-5)
+    looked = np.concatenate([vs.featurizer.featurize_regions([photos[unsure[0]]])[0],
+                             vs.featurizer.featurize_regions([photos[unsure[0]]], grid=True)[0]])
+    assert [h.id for h in vs.search_vectors(looked[None], k=5)[0]] == [h.id for h in by_mode["auto"][unsure[0]].hits]
+    with pytest.raises(QueryError, match="regions must be true, false or 'auto'"):
+        vs.search(photos[0], regions="sometimes")
+    with pytest.raises(QueryError, match="'auto' is for search"):
+        vs.evaluate(query_csv, regions="auto")

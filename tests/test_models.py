@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from lookalike import ModelError
-from lookalike.featurizer import EXPORT_VERSION, Featurizer, preprocess
+from lookalike.featurizer import (EXPORT_VERSION, GRID, GRID_SCALE, REGION_SCALE, REGIONS, Featurizer, grid_boxes,
+                                  preprocess, region_boxes)
 from lookalike.models import REGISTRY, create_torch_model, get_spec, resolve_weights
 
 LITE = [name for name in REGISTRY if name.startswith("efficientnet-lite")]
@@ -191,3 +192,20 @@ def test_gem_pooling_exports_to_onnx_and_agrees_with_pytorch(tmp_path, monkeypat
     np.testing.assert_allclose(onnx_vectors, torch_vectors, rtol=2e-3, atol=2e-3)
     avg = Featurizer(get_spec("efficientnet-lite0"), weights).featurize(images, strict=True).vectors
     assert not np.allclose(avg, onnx_vectors, atol=1e-2)
+
+
+def test_query_regions_and_the_finer_grid_cover_the_frame():
+    """region_boxes: the whole picture, then squares at the corners and the centre; grid_boxes
+    (regions="auto"'s second look): GRID x GRID smaller squares from edge to edge, row by row."""
+    for width, height in ((640, 480), (480, 640), (300, 300)):
+        regions = region_boxes(width, height)
+        assert len(regions) == REGIONS and regions[0] == (0, 0, width, height)
+        side = round(REGION_SCALE * min(width, height))
+        assert all(r - l == side and b - t == side for l, t, r, b in regions[1:])
+        grid = grid_boxes(width, height)
+        side = round(GRID_SCALE * min(width, height))
+        assert len(grid) == GRID**2 and all(r - l == side and b - t == side for l, t, r, b in grid)
+        assert grid[0][:2] == (0, 0) and grid[-1][2:] == (width, height)  # corner to corner
+        assert all(0 <= l and 0 <= t and r <= width and b <= height for l, t, r, b in grid)
+        assert [t for _, t, _, _ in grid] == sorted(t for _, t, _, _ in grid)  # row by row
+    assert grid_boxes(640, 480)[:3] == [(0, 0, 192, 192), (224, 0, 416, 192), (448, 0, 640, 192)]

@@ -150,7 +150,7 @@ def test_a_sideways_photo_with_orient_answers_as_the_python_api_does(client, sam
     # orient=auto (the camera page's): the same hits as the Python API, upright and sideways, with regions too
     vs = VisualSearch.open(sample_index)
     for photo in (sideways, JEANS):
-        for regions in (False, True):
+        for regions in (False, True, "auto"):
             expected = [(h.id, round(h.score, 4)) for h in vs.search(photo, k=5, orient="auto", regions=regions).hits]
             by_query = upload(client, photo, k=5, orient="auto", regions=str(regions).lower())
             by_json = client.post("/search", json={"image_base64": base64.b64encode(photo.read_bytes()).decode(), "k": 5,
@@ -158,9 +158,9 @@ def test_a_sideways_photo_with_orient_answers_as_the_python_api_does(client, sam
             for r in (by_query, by_json):
                 assert r.status_code == 200, r.text
                 assert [(h["id"], round(h["score"], 4)) for h in r.json()["results"][0]["hits"]] == expected
-    for bad in ({"orient": "sometimes"}, {"orient": 2}):
+    for bad in ({"orient": "sometimes"}, {"orient": 2}, {"regions": "sometimes"}):
         r = client.post("/search", json={"image_base64": base64.b64encode(JEANS.read_bytes()).decode(), **bad})
-        assert_error(r, 422, "orient must be true")
+        assert_error(r, 422, f"{next(iter(bad))} must be true")
     unverified = upload(client, JEANS, k=5, verify="false")  # an index without local features: the same hits
     assert [h["id"] for h in unverified.json()["results"][0]["hits"]] == [h["id"] for h in upload(client, JEANS, k=5).json()["results"][0]["hits"]]
     assert "verified" not in unverified.json()["results"][0]["hits"][0]

@@ -311,7 +311,7 @@ def run_camera(
     out: IO[str] | None = None,
     err: IO[str] | None = None,
     orient: bool | str = "auto",
-    regions: bool = True,
+    regions: bool | str = "auto",
 ) -> int:
     """Search ``vs`` with frames of ``source`` until it ends; the exit code (0).
 
@@ -321,8 +321,8 @@ def run_camera(
     (default stderr) in both modes. Raises LookalikeError when OpenCV, the window or the
     source cannot be used. ``orient`` (``VisualSearch.search``'s; default "auto": a frame whose
     hits are unsure is also tried turned by 90/180/270 degrees, for a camera held on its side or
-    pointing down). ``regions`` (default on): also search with
-    regions of the frame (``VisualSearch.search``), for an item that fills only part of it.
+    pointing down). ``regions`` (default "auto"): also search with regions of the frame, for an
+    item that fills only part of it, and a finer grid of them when the hits are still unsure.
     """
     out = out or sys.stdout
     err = err or sys.stderr

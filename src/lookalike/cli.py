@@ -329,8 +329,7 @@ def cmd_camera(args) -> int:
     source: int | str = int(args.source) if args.source.isdigit() else args.source
     return run_camera(
         vs, source=source, every_ms=args.every_ms, k=args.k, headless=args.headless,
-        max_queries=args.max_queries, out=sys.stdout, orient={"auto": "auto", "always": True, "never": False}[args.orient],
-        regions=args.regions,
+        max_queries=args.max_queries, out=sys.stdout, orient=MODES[args.orient], regions=MODES[args.regions],
     )
 
 
@@ -373,6 +372,8 @@ REGIONS_HELP = ("also search with regions of each query photo (its corners and c
 ORIENT_HELP = ("also try each query photo turned by 90, 180 and 270 degrees (taken with the camera on its side) "
                "and keep the turn that matches clearly better; about 4x the featurizing time")
 
+
+MODES = {"auto": "auto", "always": True, "never": False}  # camera's --orient and --regions
 
 NO_VERIFY_HELP = ("do not verify the best candidates geometrically (an index built with --local-features "
                   "does by default)")
@@ -562,10 +563,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=_positive_int, default=5, help="hits per query (default 5)")
     p.add_argument("--headless", action="store_true", help="no window: one JSON line per query, then the queries/s")
     p.add_argument("--max-queries", type=_positive_int, help="stop after this many queries")
-    p.add_argument("--regions", action=argparse.BooleanOptionalAction, default=True, help="also search with the "
-                   "frame's corners and centre and score each item by its best region (default on: an item held up "
-                   "to the camera fills only part of the frame; --no-regions is about 3x less featurizing)")
-    p.add_argument("--orient", choices=("auto", "always", "never"), default="auto", help="try each frame turned "
+    p.add_argument("--regions", choices=tuple(MODES), default="auto", help="also search with the frame's corners "
+                   "and centre and score each item by its best region (an item held up to the camera fills only part "
+                   "of the frame): auto (default) also searches a finer grid of smaller squares when a frame's best hit "
+                   "is still neither verified nor scores well; always (the corners and centre only); never (about 3x "
+                   "less featurizing)")
+    p.add_argument("--orient", choices=tuple(MODES), default="auto", help="try each frame turned "
                    "by 90/180/270 degrees (a camera held sideways): auto (default) only a frame whose best hit is neither "
                    "verified nor scores well upright; always (about 4x the featurizing per query); never")
     p.set_defaults(func=cmd_camera)

@@ -11,6 +11,7 @@ results into hits with metadata.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -50,14 +51,16 @@ QE_ALPHA = 3.0  # query expansion: a neighbour's weight is its score to the quer
 MAX_EXPAND = 50
 VERIFY_SHORTLIST = 20  # candidates from the global search that geometric verification looks at
 ORIENT_MARGIN = 0.05  # a turned query photo wins when its best hit scores this much above the upright one's
-# orient="auto": a query is tried turned only when its best hit is not verified and scores below
-# this (cosine); then the best turn wins with no margin, since the upright search already failed.
-# Measured with benchmarks/camera.py's camera default (regions, verification): camera-sim recall@1
-# 0.902 -> 0.917 (a quarter of its photos are turned), grocery-iconic (all upright) unchanged at
-# 0.510, median time over both 146 ms. Higher thresholds turn more of the (low-scoring) iconic
-# photos: 0.55 gave 0.922 at 157 ms, 0.65 0.927 at 166 ms, past the live camera's 150 ms.
-ORIENT_UNSURE = 0.5
+# A query's hits are "unsure" when the best is not verified and scores below this (cosine). The
+# camera's second looks are taken only then: orient="auto" tries the photo turned (the best turn
+# wins with no margin, since the upright search already failed), then regions="auto" adds the finer
+# grid of squares at that turn. Chosen on benchmarks/camera.py's photos (a one-off scan of cached
+# vectors, verification on): with both looks, camera-sim recall@1 at 0.55 / 0.58 / 0.6 / 0.65 was
+# 0.943 / 0.950 / 0.953 / 0.955 and grocery-iconic 0.521 / 0.516 / 0.514 / 0.514, at a mean of 12.9
+# / 14.7 / 15.9 / 17.6 model runs per photo (6 when sure); turning alone at 0.5 gave 0.920 / 0.512.
+UNSURE = 0.6
 ORIENTS = (False, True, "auto")
+REGION_MODES = (False, True, "auto")
 INT8_MODEL = "model-int8.onnx"  # an int8 index's own quantized model, in its directory
 INT8_CALIBRATION = 64  # catalog images (evenly spaced) that calibrate an int8 model
 
@@ -490,7 +493,7 @@ class VisualSearch:
         expand: int = 0,
         orient: bool | str = False,
         verify: bool | None = None,
-        regions: bool = False,
+        regions: bool | str = False,
     ):
         """The k most similar items of each query, most similar first.
 
@@ -503,7 +506,7 @@ class VisualSearch:
         ``orient``: also try each query image turned by 90, 180 and 270 degrees (a photo taken
         with the camera on its side) and keep the turn whose best hit scores ORIENT_MARGIN
         above the upright one's; about 4x the featurizing time. ``orient="auto"``: only a query
-        whose hits are ``unsure`` (the best neither verified nor scoring ORIENT_UNSURE) is tried
+        whose hits are ``unsure`` (the best neither verified nor scoring UNSURE) is tried
         turned, after its upright search, and the turn whose best hit (best region) scores highest
         is kept: the live camera's choice, which costs nothing on a photo that is found upright.
         ``verify``: geometric verification of the best VERIFY_SHORTLIST candidates against the
@@ -515,10 +518,15 @@ class VisualSearch:
         score each item by its best region: an item that fills only part of a camera's frame is
         found far more often; REGIONS model runs without the flip averaging, about 3x a query's
         featurizing time. With ``orient=True``, the turn is chosen first, on the whole picture.
+        ``regions="auto"``: the same regions, and for a query whose hits are still ``unsure``
+        (after ``orient="auto"``'s turn) a second look with GRID x GRID smaller squares
+        (``featurizer.grid_boxes``) at its turn, which finds an item too small for the regions:
+        the live camera's choice (``search_featurized`` is it for callers that featurize).
         """
         _check_k(k)
         _check_expand(expand)
         _check_orient(orient)
+        _check_regions(regions)
         if min_score is not None and not (isinstance(min_score, (int, float)) and math.isfinite(min_score)):
             raise QueryError(f"min_score must be a finite number, got {min_score!r}")
         sources, single = self._as_list(queries)
@@ -527,22 +535,22 @@ class VisualSearch:
         if self._verifying(verify):  # decode once; local features are extracted while the model runs
             sources = [s if _is_vector(s) else load_image(s, policy=self.policy) for s in sources]
             pending = [None if _is_vector(s) else self._workers().submit(extract_query, s) for s in sources]
+        turns = [0] * len(sources)
         if orient is True:
             turned = self._vectors(sources, turned=True)
-            best = self._best_turn(turned, self._subset(filter))
-            vectors = self._vectors(sources, turns=[TURNS[t] for t in best]) if regions else turned[np.arange(len(best)), best]
+            turns = [TURNS[t] for t in self._best_turn(turned, self._subset(filter))]
+            vectors = self._vectors(sources, turns=turns) if regions else turned[np.arange(len(sources)), [TURNS.index(t) for t in turns]]
         else:
-            vectors = self._vectors(sources, turns=[0] * len(sources) if regions else None)
+            vectors = self._vectors(sources, turns=turns if regions else None)
         local = None if pending is None else [None if f is None else f.result() for f in pending]
-        found = self._search_vectors(vectors, k, filter, expand, local)
-        if orient == "auto":
-            for q, source in enumerate(sources):
-                if not _is_vector(source) and self.unsure(found[q]):
-                    turned = self.turned(source, vectors[q])
-                    turn = int(self._best_turn(turned[None], self._subset(filter), margin=0.0)[0])
-                    if turn:
-                        found[q] = self._search_vectors(turned[turn][None], k, filter, expand,
-                                                        None if local is None else [local[q]])[0]
+        if orient == "auto" or regions == "auto":  # one query at a time: each may take second looks
+            found = [self._search_vectors(vectors[q][None], k, filter, expand)[0] if _is_vector(source) else
+                     self.search_featurized(source, vectors[q], k=k, filter=filter, expand=expand,
+                                            local=None if local is None else local[q], orient=orient, regions=regions,
+                                            turn=turns[q])
+                     for q, source in enumerate(sources)]
+        else:
+            found = self._search_vectors(vectors, k, filter, expand, local)
         results = [SearchResult(q, self.passing(hits, min_score)) for q, hits in zip(names, found)]
         return results[0] if single else results
 
@@ -620,7 +628,10 @@ class VisualSearch:
         filter: dict[str, Any] | None,
         expand: int = 0,
         local: list[LocalFeatures | None] | None = None,
+        fitted: list[dict[int, int]] | None = None,
     ) -> list[list[Hit]]:
+        """Hits of query vectors [n, dim] or [n, regions, dim]; with ``local``, each query's
+        shortlist verified (``fitted``: per query, inliers already counted, by int id; kept up to date)."""
         subset = self._subset(filter)
         if subset is not None and len(subset) == 0:
             return [[] for _ in range(len(vectors))]
@@ -644,7 +655,7 @@ class VisualSearch:
             order = np.arange(int_ids.shape[1])
             inliers = verified = None
             if local is not None and local[q] is not None:
-                inliers = self._inliers(local[q], int_ids[q])
+                inliers = self._inliers(local[q], int_ids[q], None if fitted is None else fitted[q])
                 verified = inliers >= MIN_INLIERS
                 order = _verified_first(inliers)
             hits = []
@@ -657,16 +668,20 @@ class VisualSearch:
             out.append(hits)
         return out
 
-    def _inliers(self, query: LocalFeatures, int_ids: np.ndarray) -> np.ndarray:
-        """Inliers the query shares with each candidate (0 for one without local features)."""
-        stored = self._items.local_features(int_ids)
+    def _inliers(self, query: LocalFeatures, int_ids: np.ndarray, fitted: dict[int, int] | None = None) -> np.ndarray:
+        """Inliers the query shares with each candidate (0 for one without local features).
+        ``fitted``: the counts of candidates fitted before (by int id), added to here."""
+        fitted = {} if fitted is None else fitted
+        new = [int(i) for i in dict.fromkeys(int_ids.tolist()) if int(i) not in fitted]
+        stored = self._items.local_features(new)
 
-        def count(int_id) -> int:
-            blobs = stored.get(int(int_id))
+        def count(int_id: int) -> int:
+            blobs = stored.get(int_id)
             return local_inliers(query, LocalFeatures.from_blobs(*blobs)) if blobs is not None else 0
 
         with one_blas_thread():
-            return np.fromiter(self._workers().map(count, int_ids), dtype=np.int64, count=len(int_ids))
+            fitted.update(zip(new, self._workers().map(count, new)))
+        return np.fromiter((fitted[int(i)] for i in int_ids), dtype=np.int64, count=len(int_ids))
 
     def best_turn(self, turned: np.ndarray, filter: dict[str, Any] | None = None, margin: float = ORIENT_MARGIN) -> np.ndarray:
         """Which turn to search each query with, given it upright and turned ([n, 4, dim], as
@@ -701,9 +716,64 @@ class VisualSearch:
 
     @staticmethod
     def unsure(hits: list[Hit]) -> bool:
-        """Whether a query's hits call for trying it turned (``orient="auto"``): none, or the best
-        neither verified nor scoring ORIENT_UNSURE."""
-        return not hits or (not hits[0].verified and hits[0].score < ORIENT_UNSURE)
+        """Whether a query's hits call for a second look (``orient="auto"``, ``regions="auto"``):
+        none, or the best neither verified nor scoring UNSURE."""
+        return not hits or (not hits[0].verified and hits[0].score < UNSURE)
+
+    def search_featurized(
+        self,
+        image: Any,
+        vectors: np.ndarray,
+        k: int = 5,
+        filter: dict[str, Any] | None = None,
+        min_score: float | None = None,
+        expand: int = 0,
+        local: LocalFeatures | None = None,
+        orient: bool | str = "auto",
+        regions: bool | str = "auto",
+        turn: int = 0,
+        reading: Callable[[], Any] | None = None,
+        compute: Callable[[], Any] | None = None,
+    ) -> list[Hit]:
+        """search() of one query image for callers that featurize it themselves, second looks
+        included: its hits with its ``vectors`` ([dim], or [REGIONS, dim] from
+        ``featurize_regions``; turned by ``turn`` degrees, as ``orient=True`` does), and where
+        those are ``unsure``, ``orient="auto"``'s best turn, then ``regions="auto"``'s finer grid
+        at that turn; the hits of the last look taken. ``local``: the image's query local
+        features (``local.extract_query``) to verify with; a candidate is fitted once however
+        many looks find it.
+
+        For a service: ``reading`` (a context manager yielding this object) guards each index
+        search, ``compute`` each model run, so that neither is held through the other.
+        """
+        _check_k(k)
+        _check_expand(expand)
+        _check_orient(orient)
+        _check_regions(regions)
+        vectors = _query_vectors(vectors[None], self.dim)[0]
+        reading = reading or (lambda: contextlib.nullcontext(self))
+        compute = compute or contextlib.nullcontext
+        local = local if self.has_local_features else None
+        fitted: dict[int, int] = {}  # candidate int id -> inliers, for every look of this query
+        with reading() as vs:
+            hits = vs._search_vectors(vectors[None], k, filter, expand, [local], [fitted])[0]
+        if self.unsure(hits) and (orient == "auto" or regions == "auto"):
+            image = load_image(image, policy=self.policy, draft_size=self.featurizer.draft_size(regions or True))
+            if orient == "auto":
+                with compute():
+                    turned = self.turned(image, vectors)
+                with reading() as vs:
+                    best = int(vs.best_turn(turned[None], filter, margin=0.0)[0])
+                    if best:
+                        turn, vectors = TURNS[best], turned[best]
+                        hits = vs._search_vectors(vectors[None], k, filter, expand, [local], [fitted])[0]
+            if regions == "auto" and self.unsure(hits):
+                with compute():
+                    grid = self.featurizer.featurize_regions([image], [turn], grid=True)[0]
+                with reading() as vs:
+                    both = np.concatenate([vectors.reshape(-1, self.dim), grid])
+                    hits = vs._search_vectors(both[None], k, filter, expand, [local], [fitted])[0]
+        return self.passing(hits, min_score)
 
     def turned(self, image: Any, upright: np.ndarray) -> np.ndarray:
         """An image's query vectors upright (``upright``: [dim], or [REGIONS, dim] from
@@ -903,8 +973,10 @@ class VisualSearch:
         stored local features).
         """
         _check_expand(expand)
-        if not isinstance(orient, bool):
-            raise QueryError(f"evaluate: orient must be true or false ('auto' is for search), got {orient!r}", subject=orient)
+        for name, value in (("orient", orient), ("regions", regions)):
+            if not isinstance(value, bool):
+                raise QueryError(f"evaluate: {name} must be true or false ('auto' is for search), got {value!r}",
+                                 subject=value)
         ks = sorted({int(k) for k in ks})
         if not ks or ks[0] < 1:
             raise QueryError(f"k values must be >= 1, got {list(ks)}")
@@ -1281,6 +1353,11 @@ def _check_expand(expand: Any) -> None:
 def _check_orient(orient: Any) -> None:
     if not any(orient is o or (isinstance(o, str) and orient == o) for o in ORIENTS):
         raise QueryError(f"orient must be true, false or 'auto', got {orient!r}", subject=orient)
+
+
+def _check_regions(regions: Any) -> None:
+    if not any(regions is r or (isinstance(r, str) and regions == r) for r in REGION_MODES):
+        raise QueryError(f"regions must be true, false or 'auto', got {regions!r}", subject=regions)
 
 
 def _check_k(k: Any) -> None:

@@ -30,8 +30,8 @@ from .models import Weights, create_torch_model
 from .runtimes import cache_dir, cpu_count
 from .types import ModelSpec
 
-__all__ = ["Featurizer", "FeaturizeResult", "REGIONS", "REGION_SCALE", "TURNS", "cache_dir", "cpu_count",
-           "export_module", "export_onnx", "load_pixels", "region_boxes",
+__all__ = ["Featurizer", "FeaturizeResult", "GRID", "GRID_SCALE", "REGIONS", "REGION_SCALE", "TURNS", "cache_dir",
+           "cpu_count", "export_module", "export_onnx", "grid_boxes", "load_pixels", "region_boxes",
            "make_int8_model", "onnx_model", "onnx_path", "preprocess"]
 
 EXPORT_VERSION = 3  # bump when the export settings change, so cached files are remade
@@ -53,9 +53,12 @@ TURNS = (0, 90, 180, 270)  # clockwise degrees tried for a query photo taken wit
 # alone: 0.445). Regions run without the flip averaging: on those photos and grocery-iconic's it
 # moved recall@1 with verification by 0.002 at most (without, by 0.008), and it would double their
 # cost. A further 3 x 3 grid of 0.4 squares raised camera-sim to 0.925 (from 0.902, with
-# verification) but cost a camera query 2.5x the model time, past the live camera's budget.
+# verification) but cost a camera query 2.5x the model time, past the live camera's budget; so the
+# grid (``grid_boxes``) is a second look, taken only when the first is unsure (``regions="auto"``).
 REGION_SCALE = 0.6
 REGIONS = 6
+GRID_SCALE = 0.4  # the second look: a GRID x GRID grid of squares of this share of the short side
+GRID = 3
 
 CPU_CHUNK = 4  # inputs per model call on CPU: small batches stay in the core's cache (measured 1-8 best)
 
@@ -265,25 +268,31 @@ class Featurizer:
             out[i] = self.run(np.ascontiguousarray(turned), alone=True)
         return out
 
-    def draft_size(self, regions: bool = False) -> int:
+    def draft_size(self, regions: bool | str = False) -> int:
         """The smallest short side a query must be decoded at: the model's resize, or with
-        ``regions`` enough for the smallest region (REGION_SCALE of the short side) to have it."""
-        return math.ceil(self.spec.resize_size / REGION_SCALE) if regions else self.spec.resize_size
+        ``regions`` enough for the smallest region (REGION_SCALE of the short side; with "auto",
+        GRID_SCALE: the grid of the second look) to have it."""
+        if not regions:
+            return self.spec.resize_size
+        return math.ceil(self.spec.resize_size / (GRID_SCALE if regions == "auto" else REGION_SCALE))
 
-    def featurize_regions(self, sources: Sequence[ImageSource], turns: Sequence[int] | None = None) -> np.ndarray:
-        """Each input's regions (``region_boxes``: the whole picture first): float32 [n, REGIONS, dim].
+    def featurize_regions(self, sources: Sequence[ImageSource], turns: Sequence[int] | None = None,
+                          grid: bool = False) -> np.ndarray:
+        """Each input's regions (``region_boxes``: the whole picture first): float32 [n, REGIONS, dim];
+        with ``grid``, the squares of ``grid_boxes`` instead: [n, GRID ** 2, dim].
 
         ``turns``: clockwise degrees (of TURNS) to turn each picture first (``orient``). Decoded
         once, at the size the smallest region needs; no flip averaging (see REGIONS). Unreadable
         inputs raise ImageError (the query path).
         """
-        out = np.zeros((len(sources), REGIONS, self.dim), np.float32)
+        boxes = grid_boxes if grid else region_boxes
+        out = np.zeros((len(sources), GRID**2 if grid else REGIONS, self.dim), np.float32)
         for i, source in enumerate(sources):
-            img = load_image(source, policy=self.policy, draft_size=self.draft_size(regions=True))
+            img = load_image(source, policy=self.policy, draft_size=self.draft_size(regions="auto" if grid else True))
             turn = turns[i] if turns is not None else 0
             if turn:
                 img = img.transpose(_TRANSPOSE[turn])
-            pixels = np.stack([preprocess(img.crop(box), self.spec) for box in region_boxes(*img.size)])
+            pixels = np.stack([preprocess(img.crop(box), self.spec) for box in boxes(*img.size)])
             out[i] = self.run(pixels, alone=True, flip=False)
         return out
 
@@ -372,6 +381,16 @@ def region_boxes(width: int, height: int, scale: float = REGION_SCALE) -> list[t
     x, y = width - side, height - side
     corners = [(0, 0), (x, 0), (0, y), (x, y), (x // 2, y // 2)]
     return [(0, 0, width, height)] + [(left, top, left + side, top + side) for left, top in corners]
+
+
+def grid_boxes(width: int, height: int) -> list[tuple[int, int, int, int]]:
+    """The GRID x GRID squares (left, top, right, bottom) of GRID_SCALE x a picture's short side,
+    spread evenly from edge to edge (overlapping): the second look for an item too small for the
+    REGIONS, row by row from the top left."""
+    side = max(1, round(GRID_SCALE * min(width, height)))
+    xs = np.linspace(0, width - side, GRID).round().astype(int).tolist()
+    ys = np.linspace(0, height - side, GRID).round().astype(int).tolist()
+    return [(x, y, x + side, y + side) for y in ys for x in xs]
 
 
 def onnx_model(spec: ModelSpec, weights: Weights) -> Path:

@@ -528,14 +528,17 @@ def _int_param(value: Any, name: str, low: int, high: int) -> int:
 ORIENT_DOC = ("also try each photo turned by 90, 180 and 270 degrees (about 4x the featurizing time); auto: only a "
               "photo whose best hit is neither verified nor scores well upright (the web page's camera mode)")
 REGIONS_DOC = ("also search with regions of each photo (its corners and centre) and score each item by its best region: "
-               "finds an item that fills only part of the frame (six model runs without the flip: about 3x the featurizing time)")
+               "finds an item that fills only part of the frame (six model runs without the flip: about 3x the featurizing "
+               "time); auto: the same, and a photo whose best hit is still neither verified nor scores well also searches "
+               "a 3x3 grid of smaller squares (the web page's camera mode)")
 VERIFY_DOC = ("geometric verification of the best candidates with local features (default: on when the index has "
               "them); verified hits come first and carry inliers and verified")
 BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False}  # a yes/no in a query string or form field
 
 
-def _orient_param(value: Any) -> bool | str:
-    return "auto" if value == "auto" else _bool_param(value, "orient", " or auto")
+def _auto_param(value: Any, name: str) -> bool | str:
+    """orient and regions: a yes/no, or "auto"."""
+    return "auto" if value == "auto" else _bool_param(value, name, " or auto")
 
 
 def _bool_param(value: Any, name: str, also: str = "") -> bool:
@@ -782,8 +785,8 @@ def create_app(settings: ServerSettings):
             if "expand" in body and (not isinstance(body["expand"], int) or isinstance(body["expand"], bool)):
                 raise QueryError(f"expand must be a whole number from 0 to {MAX_EXPAND}")
             for key in ("orient", "verify", "regions"):
-                if key in body and not isinstance(body[key], bool) and not (key == "orient" and body[key] == "auto"):
-                    raise QueryError(f"{key} must be true or false" + (' or "auto"' if key == "orient" else ""))
+                if key in body and not isinstance(body[key], bool) and not (key != "verify" and body[key] == "auto"):
+                    raise QueryError(f"{key} must be true or false" + (' or "auto"' if key != "verify" else ""))
             if "min_score" in body and (not isinstance(body["min_score"], (int, float)) or isinstance(body["min_score"], bool)):
                 raise QueryError("min_score must be a finite number")
             if "filter" in body and not isinstance(body["filter"], dict):
@@ -810,7 +813,7 @@ def create_app(settings: ServerSettings):
         verifying = shared.vs.has_local_features if verify is None else verify
         inputs: list[Any] = []
         local: list[LocalFeatures | None] = []
-        settled: dict[int, list[Hit]] = {}  # orient="auto": queries searched one by one, as search() does
+        settled: dict[int, list[Hit]] = {}  # orient or regions "auto": queries searched one by one, as search() does
         generation = None
         for q in queries:
             if q.vector is not None:
@@ -834,8 +837,11 @@ def create_app(settings: ServerSettings):
                 else:
                     inputs.append(featurizer.featurize([image], strict=True).vectors[0])
                 local.append(extract_query(image) if verifying else None)
-            if orient == "auto":
-                settled[len(inputs) - 1], generation = search_turned(image, inputs[-1], local[-1], k, filter, expand, verifying)
+            if orient == "auto" or regions == "auto":  # with second looks where its hits are unsure
+                settled[len(inputs) - 1] = shared.vs.search_featurized(
+                    image, inputs[-1], k=k, filter=filter, expand=expand, local=local[-1], orient=orient, regions=regions,
+                    reading=shared.reading, compute=lambda: shared.compute)
+                generation = shared.vs.generation
             del image
         todo = [i for i in range(len(inputs)) if i not in settled]
         if todo:
@@ -846,24 +852,6 @@ def create_app(settings: ServerSettings):
             settled.update(zip(todo, hits))
         found = [VisualSearch.passing(settled[i], min_score) for i in range(len(inputs))]
         return [{"query": q.name, "hits": [_hit_dict(h) for h in hits]} for q, hits in zip(queries, found)], generation
-
-    def search_turned(image, upright: np.ndarray, local: LocalFeatures | None, k: int, filter: dict | None,
-                      expand: int, verifying: bool) -> tuple[list[Hit], int]:
-        """orient="auto" for one query (VisualSearch.search's): its hits upright, or from its best
-        turn when those are unsure; featurizing outside the index lock."""
-        with shared.reading() as vs:
-            hits = vs.search_vectors(upright[None], k=k, filter=filter, expand=expand, local=[local] if verifying else None)[0]
-            generation = vs.generation
-        if not VisualSearch.unsure(hits):
-            return hits, generation
-        with shared.compute:
-            turned = shared.vs.turned(image, upright)
-        with shared.reading() as vs:
-            turn = int(vs.best_turn(turned[None], filter=filter, margin=0.0)[0])
-            if turn:
-                hits = vs.search_vectors(turned[turn][None], k=k, filter=filter, expand=expand,
-                                         local=[local] if verifying else None)[0]
-            return hits, vs.generation
 
     # Image URLs are part of the schema only when the service fetches them (--allow-urls).
     url_field = {"image_url": {"type": "string", "format": "uri", "description": "an image URL"}} if settings.allow_urls else {}
@@ -887,7 +875,7 @@ def create_app(settings: ServerSettings):
                 "expand": expand_schema,
                 "orient": {"type": "string", "enum": [*BOOL_WORDS, "auto"], "description": ORIENT_DOC},
                 "verify": {"type": "string", "enum": list(BOOL_WORDS), "description": VERIFY_DOC},
-                "regions": {"type": "string", "enum": list(BOOL_WORDS), "description": REGIONS_DOC},
+                "regions": {"type": "string", "enum": [*BOOL_WORDS, "auto"], "description": REGIONS_DOC},
             },
             **one_image(["file"], "anyOf"),
         }},
@@ -903,7 +891,7 @@ def create_app(settings: ServerSettings):
                 "expand": expand_schema,
                 "orient": {"oneOf": [{"type": "boolean"}, {"const": "auto"}], "description": ORIENT_DOC},
                 "verify": {"type": "boolean", "description": VERIFY_DOC},
-                "regions": {"type": "boolean", "description": REGIONS_DOC},
+                "regions": {"oneOf": [{"type": "boolean"}, {"const": "auto"}], "description": REGIONS_DOC},
             },
             **one_image(["image_base64", "vector"]),
         }},
@@ -928,7 +916,7 @@ def create_app(settings: ServerSettings):
         expand: int | None = QueryParam(None, ge=0, le=MAX_EXPAND, description="query expansion over that many nearest items (0: off)"),
         orient: Literal["true", "false", "1", "0", "auto"] | None = QueryParam(None, description=ORIENT_DOC),
         verify: Literal["true", "false", "1", "0"] | None = QueryParam(None, description=VERIFY_DOC),
-        regions: Literal["true", "false", "1", "0"] | None = QueryParam(None, description=REGIONS_DOC),
+        regions: Literal["true", "false", "1", "0", "auto"] | None = QueryParam(None, description=REGIONS_DOC),
     ):
         """The most similar catalog items of each query image, most similar first.
 
@@ -939,7 +927,8 @@ def create_app(settings: ServerSettings):
         90, 180 and 270 degrees; about 4x the featurizing time; ``auto``: only a photo whose hits
         are unsure), ``verify`` (geometric verification; on by default when the index has local
         features), ``regions`` (also search with regions of each photo, each item scored by its
-        best region; about 3x the featurizing).
+        best region; about 3x the featurizing; ``auto``: and a photo whose hits are still unsure
+        also searches a finer grid).
         """
         start = time.perf_counter()
         require_read_key(request)
@@ -948,9 +937,9 @@ def create_app(settings: ServerSettings):
         min_score_ = _float_param(params["min_score"], "min_score") if params.get("min_score") not in (None, "") else None
         filter_ = _filter_param(params.get("filter"))
         expand_ = _int_param(params.get("expand", 0), "expand", 0, MAX_EXPAND)
-        orient_ = _orient_param(params.get("orient", False))
+        orient_ = _auto_param(params.get("orient", False), "orient")
         verify_ = _bool_param(params["verify"], "verify") if params.get("verify") is not None else None
-        regions_ = _bool_param(params.get("regions", False), "regions")
+        regions_ = _auto_param(params.get("regions", False), "regions")
         async with gate.enter():
             results, generation = await run_in_threadpool(
                 run_search, queries, k_, filter_, min_score_, expand_, orient_, verify_, regions_)

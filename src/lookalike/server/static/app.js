@@ -547,9 +547,10 @@
       if (session !== camera.session) return;
       // ask for a few more than k per frame so the vote has something to work with; search the
       // frame's corners and centre too (regions): an item held up fills only part of the frame;
-      // a frame found neither verified nor well upright is tried turned (orient=auto)
+      // a frame found neither verified nor well upright is tried turned (orient=auto), then with
+      // a finer grid of smaller squares (regions=auto)
       const data = await postSearch(blob, "camera.jpg", Math.min(100, k * 2), minScore, undefined,
-                                    { regions: "true", orient: "auto" });
+                                    { regions: "auto", orient: "auto" });
       if (session !== camera.session) return;
       const t1 = performance.now();
       camera.done.push(t1);
