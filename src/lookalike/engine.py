@@ -538,8 +538,9 @@ class VisualSearch:
         turns = [0] * len(sources)
         if orient is True:
             turned = self._vectors(sources, turned=True)
-            turns = [TURNS[t] for t in self._best_turn(turned, self._subset(filter))]
-            vectors = self._vectors(sources, turns=turns) if regions else turned[np.arange(len(sources)), [TURNS.index(t) for t in turns]]
+            best = self._best_turn(turned, self._subset(filter))
+            turns = [TURNS[t] for t in best]
+            vectors = self._vectors(sources, turns=turns) if regions else turned[np.arange(len(best)), best]
         else:
             vectors = self._vectors(sources, turns=turns if regions else None)
         local = None if pending is None else [None if f is None else f.result() for f in pending]
