@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -36,7 +37,7 @@ from .finetune import finetune as finetune_model
 from .images import DEFAULT_POLICY, ImagePolicy, describe, load_image
 from .backends import create_index, index_class, load_index
 from .index import IndexWarning, check_spec, check_vectors, parse_size, plan_for_memory, prepare
-from .local import LOCAL_ENTRY, MIN_INLIERS, LocalFeatures
+from .local import LOCAL_ENTRY, MAX_POINTS, MIN_INLIERS, VOTE_MAX_DESCRIPTORS, DescriptorVote, LocalFeatures
 from .local import extract as extract_local
 from .local import extract_query, one_blas_thread
 from .local import inliers as local_inliers
@@ -135,6 +136,8 @@ class VisualSearch:
         self._featurizer: Featurizer | None = None
         self._items: ItemTable | None = None
         self._pool: ThreadPoolExecutor | None = None  # geometric verification, on every core
+        self._vote: tuple[int, DescriptorVote | None] | None = None  # (generation, the descriptor vote)
+        self._vote_lock = threading.Lock()
         self.build_report: Report | None = None
         self._reload()
 
@@ -629,10 +632,12 @@ class VisualSearch:
         filter: dict[str, Any] | None,
         expand: int = 0,
         local: list[LocalFeatures | None] | None = None,
-        fitted: list[dict[int, int]] | None = None,
+        looks: list[_Looks] | None = None,
     ) -> list[list[Hit]]:
-        """Hits of query vectors [n, dim] or [n, regions, dim]; with ``local``, each query's
-        shortlist verified (``fitted``: per query, inliers already counted, by int id; kept up to date)."""
+        """Hits of query vectors [n, dim] or [n, regions, dim]. With ``local``, each query's
+        shortlist is verified: the global best VERIFY_SHORTLIST, and when none of those verifies,
+        the items its descriptors vote for too; ``looks`` keeps, per query, what that found, for
+        the query's next look."""
         subset = self._subset(filter)
         if subset is not None and len(subset) == 0:
             return [[] for _ in range(len(vectors))]
@@ -644,30 +649,73 @@ class VisualSearch:
         scores, distances, int_ids = self._index.search(flat, shortlist, subset=subset)
         if regions:
             scores, distances, int_ids = _best_region(scores, distances, int_ids, regions)
-        rows = self._items.rows(np.unique(int_ids))
-        if len(rows) < len(np.unique(int_ids[int_ids >= 0])):
+        found = [(scores[q], distances[q], int_ids[q]) for q in range(len(vectors))]
+        looks = looks or [_Looks() for _ in range(len(vectors))]
+        inliers: list[np.ndarray | None] = [None] * len(vectors)
+        for q in range(len(vectors)):
+            if local is None or local[q] is None:
+                continue
+            inliers[q] = self._inliers(local[q], found[q][2], looks[q].inliers)
+            voted = self._voted(local[q], looks[q], subset, found[q][2]) if not (inliers[q] >= MIN_INLIERS).any() else []
+            if len(voted):  # scored as the global search scores, and verified
+                rows = flat[q * max(regions, 1):(q + 1) * max(regions, 1)]
+                more = self._index.search(rows, len(voted), subset=voted)
+                more = _best_region(*more, regions) if regions else more
+                found[q] = tuple(np.concatenate([a, b[0]]) for a, b in zip(found[q], more))
+                inliers[q] = np.concatenate([inliers[q], self._inliers(local[q], more[2][0], looks[q].inliers)])
+        every = np.unique(np.concatenate([ids for _, _, ids in found]))
+        rows = self._items.rows(every)
+        if len(rows) < len(every[every >= 0]):
             raise StoreError(
                 f"{self.path}: this reader is on generation {self.generation}, which other processes have changed "
                 "too often since; call refresh() or open the index again",
                 subject=str(self.path),
             )
         out = []
-        for q in range(len(vectors)):
-            order = np.arange(int_ids.shape[1])
-            inliers = verified = None
-            if local is not None and local[q] is not None:
-                inliers = self._inliers(local[q], int_ids[q], None if fitted is None else fitted[q])
-                verified = inliers >= MIN_INLIERS
-                order = _verified_first(inliers)
+        for q, (q_scores, q_distances, q_ids) in enumerate(found):
+            order = np.arange(len(q_ids)) if inliers[q] is None else _verified_first(inliers[q])
             hits = []
             for r, j in enumerate(order[:k], start=1):
-                id_, label, image, metadata = rows[int(int_ids[q, j])]
-                hit = Hit(r, id_, float(scores[q, j]), float(distances[q, j]), metadata, image)
-                if inliers is not None:
-                    hit = replace(hit, inliers=int(inliers[j]), verified=bool(verified[j]))
+                id_, label, image, metadata = rows[int(q_ids[j])]
+                hit = Hit(r, id_, float(q_scores[j]), float(q_distances[j]), metadata, image)
+                if inliers[q] is not None:
+                    hit = replace(hit, inliers=int(inliers[q][j]), verified=bool(inliers[q][j] >= MIN_INLIERS))
                 hits.append(hit)
             out.append(hits)
         return out
+
+    def _voted(self, query: LocalFeatures, looks: _Looks, subset: Any, shortlisted: np.ndarray) -> np.ndarray:
+        """The int ids the query's descriptors vote for (``local.DescriptorVote``) that the
+        filter allows and the shortlist lacks."""
+        if looks.voted is None:
+            vote = self._descriptor_vote() if not isinstance(subset, str) else None  # str: a backend's own filter
+            looks.voted = vote.top(query) if vote is not None else np.zeros(0, np.int64)
+        voted = looks.voted[~np.isin(looks.voted, shortlisted)]
+        return voted if subset is None else voted[np.isin(voted, subset)]
+
+    def _descriptor_vote(self) -> DescriptorVote | None:
+        """The catalog's local descriptors in one index (``local.DescriptorVote``), made on first
+        use and brought up to date after the index changes; None for an index without local
+        features, a backend that keeps no int ids here, or one too big for VOTE_MAX_DESCRIPTORS."""
+        with self._vote_lock:
+            if self._vote is None or self._vote[0] != self.generation:
+                ids = getattr(self._index, "ids", None)
+                vote = self._vote[1] if self._vote is not None else None
+                if not (self.has_local_features and ids is not None and len(ids) * MAX_POINTS <= VOTE_MAX_DESCRIPTORS):
+                    vote = None
+                else:
+                    current = frozenset(int(i) for i in ids)
+                    if vote is None:
+                        vote = DescriptorVote(self._local_of(current))
+                    elif vote.items != current:
+                        vote = vote.changed(self._local_of(current - vote.items), set(vote.items - current))
+                self._vote = (self.generation, vote)
+            return self._vote[1]
+
+    def _local_of(self, int_ids) -> dict[int, LocalFeatures]:
+        """The stored local features of these items, by int id (those that have them)."""
+        stored = self._items.local_features(int_ids)
+        return {i: LocalFeatures.from_blobs(*blobs) for i, blobs in stored.items()}
 
     def _inliers(self, query: LocalFeatures, int_ids: np.ndarray, fitted: dict[int, int] | None = None) -> np.ndarray:
         """Inliers the query shares with each candidate (0 for one without local features).
@@ -741,8 +789,8 @@ class VisualSearch:
         ``featurize_regions``; turned by ``turn`` degrees, as ``orient=True`` does), and where
         those are ``unsure``, ``orient="auto"``'s best turn, then ``regions="auto"``'s finer grid
         at that turn; the hits of the last look taken. ``local``: the image's query local
-        features (``local.extract_query``) to verify with; a candidate is fitted once however
-        many looks find it.
+        features (``local.extract_query``) to verify with; its descriptor vote is taken once and
+        a candidate is fitted once, however many looks find them.
 
         For a service: ``reading`` (a context manager yielding this object) guards each index
         search, ``compute`` each model run, so that neither is held through the other.
@@ -755,9 +803,9 @@ class VisualSearch:
         reading = reading or (lambda: contextlib.nullcontext(self))
         compute = compute or contextlib.nullcontext
         local = local if self.has_local_features else None
-        fitted: dict[int, int] = {}  # candidate int id -> inliers, for every look of this query
+        looks = _Looks()  # what verification found, for every look of this query
         with reading() as vs:
-            hits = vs._search_vectors(vectors[None], k, filter, expand, [local], [fitted])[0]
+            hits = vs._search_vectors(vectors[None], k, filter, expand, [local], [looks])[0]
         if self.unsure(hits) and (orient == "auto" or regions == "auto"):
             image = load_image(image, policy=self.policy, draft_size=self.featurizer.draft_size(regions or True))
             if orient == "auto":
@@ -767,13 +815,13 @@ class VisualSearch:
                     best = int(vs.best_turn(turned[None], filter, margin=0.0)[0])
                     if best:
                         turn, vectors = TURNS[best], turned[best]
-                        hits = vs._search_vectors(vectors[None], k, filter, expand, [local], [fitted])[0]
+                        hits = vs._search_vectors(vectors[None], k, filter, expand, [local], [looks])[0]
             if regions == "auto" and self.unsure(hits):
                 with compute():
                     grid = self.featurizer.featurize_regions([image], [turn], grid=True)[0]
                 with reading() as vs:
                     both = np.concatenate([vectors.reshape(-1, self.dim), grid])
-                    hits = vs._search_vectors(both[None], k, filter, expand, [local], [fitted])[0]
+                    hits = vs._search_vectors(both[None], k, filter, expand, [local], [looks])[0]
         return self.passing(hits, min_score)
 
     def turned(self, image: Any, upright: np.ndarray) -> np.ndarray:
@@ -1057,11 +1105,16 @@ class VisualSearch:
                 queries = self._expanded(queries, expand, exclude=np.repeat(self_ids[chunk], REGIONS if regions else 1))
             found = self._index.search(queries, n_all)
             ranked = _best_region(*found, REGIONS)[2] if regions else found[2]
-            if local is not None:  # geometric verification reorders each query's shortlist
+            if local is not None:  # geometric verification reorders each query's shortlist, as search's
                 for row, q in zip(ranked, chunk):
                     if local[q] is not None:
-                        head = row[:VERIFY_SHORTLIST].copy()
-                        row[:len(head)] = head[_verified_first(self._inliers(local[q], head))]
+                        head, rest = row[:VERIFY_SHORTLIST], row[VERIFY_SHORTLIST:]
+                        inliers = self._inliers(local[q], head)
+                        if not (inliers >= MIN_INLIERS).any():
+                            voted = self._voted(local[q], _Looks(), None, head)
+                            head, rest = np.concatenate([head, voted]), rest[~np.isin(rest, voted)]
+                            inliers = np.concatenate([inliers, self._inliers(local[q], voted)])
+                        row[:] = np.concatenate([head[_verified_first(inliers)], rest])
             ranked_labels = np.vectorize(int_to_label.get, otypes=[object])(ranked) if ranked.size else ranked
             query_labels = np.array([items[q].metadata[label] for q in chunk], dtype=object)
             relevant = ranked_labels == query_labels[:, None]
@@ -1322,6 +1375,14 @@ def _query_vectors(vectors: Any, dim: int) -> np.ndarray:
         n, regions = vectors.shape[:2]
         return check_vectors(vectors.reshape(n * regions, -1), dim, "query vectors").reshape(n, regions, dim)
     return check_vectors(vectors, dim, "query vectors")
+
+
+@dataclass
+class _Looks:
+    """What verifying one query found, kept across its looks (``search_featurized``)."""
+
+    inliers: dict[int, int] = field(default_factory=dict)  # candidate int id -> inliers
+    voted: np.ndarray | None = None  # int ids its descriptors vote for, most votes first
 
 
 def _best_region(scores: np.ndarray, distances: np.ndarray, int_ids: np.ndarray, regions: int):

@@ -7,12 +7,15 @@ keeps their positions (float32) and descriptors (uint8: SIFT values are 0..255 b
 ``extract_query`` keeps QUERY_POINTS of a query photo, since the item may fill only part of the
 frame; ``inliers`` matches two sets (nearest neighbours with Lowe's ratio test) and counts the
 matches that RANSAC fits to one homography. A candidate with at least MIN_INLIERS is "verified".
+``DescriptorVote`` holds every catalog descriptor in a FAISS index, so that the items a query's
+descriptors match most can join the candidates the global search found (the vote).
 
 Needs OpenCV (``opencv-python-headless``, a dependency of lookalike).
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -37,6 +40,18 @@ RANSAC_PX = 5.0  # reprojection error, in pixels at SIZE, that still counts as a
 RANSAC_ITERATIONS = 200
 MAX_AREA_SCALE = 50.0  # a fit that shrinks or grows the area more than this is degenerate
 MIN_INLIERS = 12  # inliers that make a candidate "verified"
+# The vote: each query descriptor's nearest catalog descriptor (when it passes the ratio test
+# against the second nearest) votes for its item; when none of the global shortlist verifies, the
+# VOTED items with most votes (at least 2) join it. benchmarks/camera.py, camera-sim recall@1:
+# verification alone 0.715 -> 0.840, with regions 0.902 -> 0.925, the camera default 0.953 ->
+# 0.963 (what verifying every catalog item gave, in a scan of cached vectors, with 5, 10 or 20 voted
+# items alike); grocery-iconic unchanged (its misses share no artwork with the right picture). An
+# inverted file of sqrt(n) lists, VOTE_PROBES of them searched: about 10 ms a query on one core for
+# 43,000 catalog descriptors (200 items), against 128 ms for exact search, with the same recall.
+VOTED = 5
+VOTE_PROBES = 8
+VOTE_MAX_LISTS = 1024
+VOTE_MAX_DESCRIPTORS = 2_000_000  # 4,000 catalog items of MAX_POINTS (256 MB); a larger catalog gets no vote
 LOCAL_ENTRY = {"kind": "sift", "size": SIZE, "max_points": MAX_POINTS}  # what the manifest records
 
 
@@ -112,6 +127,76 @@ def extract(image: Image.Image, size: int = SIZE, max_points: int = MAX_POINTS) 
 def extract_query(image: Image.Image) -> LocalFeatures:
     """SIFT keypoints and descriptors of a query photo: QUERY_POINTS of them."""
     return extract(image, SIZE, QUERY_POINTS)
+
+
+class DescriptorVote:
+    """The local descriptors of catalog items in one FAISS index, each under its item's int id
+    (uint8 values kept exactly: 128 bytes each), asked which items a query's descriptors match most.
+
+    Items are added and removed in place (``changed``); the inverted file keeps the lists it
+    learned first, as the catalog's own IVF index does.
+    """
+
+    def __init__(self, features: dict[int, LocalFeatures]):
+        import faiss
+
+        descriptors = _stacked(features)[1]
+        lists = min(int(math.sqrt(len(descriptors))), VOTE_MAX_LISTS)
+        if lists < 4 * VOTE_PROBES:  # a few thousand descriptors: exact search is as quick
+            self.index = faiss.IndexIDMap2(faiss.IndexScalarQuantizer(128, faiss.ScalarQuantizer.QT_8bit_direct))
+        else:
+            self.index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatL2(128), 128, lists,
+                                                       faiss.ScalarQuantizer.QT_8bit_direct)
+            self.index.cp.niter = 10
+            sample = np.random.default_rng(0).choice(len(descriptors), min(len(descriptors), 40 * lists), replace=False)
+            self.index.train(descriptors[np.sort(sample)])
+            self.index.nprobe = VOTE_PROBES
+        self.items: frozenset[int] = frozenset()
+        self._add(features)
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def changed(self, added: dict[int, LocalFeatures], removed: set[int]) -> "DescriptorVote":
+        """A copy with these items' descriptors added and those of ``removed`` (int ids) gone;
+        this one stays as it was, for searches still using it."""
+        import faiss
+
+        other = object.__new__(DescriptorVote)
+        other.index, other.items = faiss.clone_index(self.index), self.items
+        if isinstance(self.index, faiss.IndexIVF):
+            other.index.nprobe = self.index.nprobe
+        if removed:
+            other.index.remove_ids(faiss.IDSelectorBatch(np.asarray(sorted(removed), np.int64)))
+            other.items = other.items - removed
+        other._add(added)
+        return other
+
+    def _add(self, features: dict[int, LocalFeatures]) -> None:
+        owners, descriptors = _stacked(features)
+        if len(owners):
+            self.index.add_with_ids(descriptors, owners)
+        self.items = self.items | frozenset(features)
+
+    def top(self, query: LocalFeatures, n: int = VOTED) -> np.ndarray:
+        """The int ids of the (at most) ``n`` items with most votes from ``query``'s descriptors,
+        most first; an item needs at least two votes."""
+        if len(query) == 0 or len(self) < 2:
+            return np.zeros(0, np.int64)
+        distances, owners = self.index.search(np.ascontiguousarray(query.descriptors, dtype=np.float32), 2)
+        passed = (owners[:, 1] >= 0) & (distances[:, 0] < RATIO**2 * distances[:, 1])
+        items, votes = np.unique(owners[passed, 0], return_counts=True)
+        order = np.argsort(-votes, kind="stable")
+        return items[order][votes[order] >= 2][:n]
+
+
+def _stacked(features: dict[int, LocalFeatures]) -> tuple[np.ndarray, np.ndarray]:
+    """(owner int id per descriptor int64 [m], descriptors float32 [m, 128]) of these items."""
+    owned = [(int_id, f.descriptors) for int_id, f in features.items() if len(f)]
+    if not owned:
+        return np.zeros(0, np.int64), np.zeros((0, 128), np.float32)
+    return (np.concatenate([np.full(len(d), int_id, np.int64) for int_id, d in owned]),
+            np.concatenate([d for _, d in owned]).astype(np.float32))
 
 
 def _ratio_matches(query: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
