@@ -436,7 +436,7 @@ def test_the_descriptor_vote_brings_in_an_item_the_global_search_missed(tmp_path
     """Verification looks at the global best VERIFY_SHORTLIST and, when none of those verifies, at
     the items the query's SIFT descriptors vote for: a small product on a cluttered background,
     in a photo turned on its side (lookalike.synthetic, as benchmarks/camera.py's camera-sim), is
-    often far down the global ranking of a catalog of 480 (clothes look alike), but a printed
+    often far down the global ranking of a catalog of 481 (clothes look alike), but a printed
     pattern still matches."""
     import csv
 
@@ -465,7 +465,8 @@ def test_the_descriptor_vote_brings_in_an_item_the_global_search_missed(tmp_path
 
 def test_the_descriptor_vote_counts_ratio_test_matches_per_item():
     """local.DescriptorVote: a query's descriptors vote for the catalog item of their nearest
-    catalog descriptor (when it passes the ratio test); exact below a few thousand descriptors."""
+    catalog descriptor (when it passes the ratio test); an inverted file for 30 catalog pictures,
+    exact search for a few."""
     import csv
 
     from lookalike import local
@@ -483,6 +484,8 @@ def test_the_descriptor_vote_counts_ratio_test_matches_per_item():
     moved = vote.changed({100: features[3]}, {3})
     assert moved.top(features[3])[0] == 100 and vote.top(features[3])[0] == 3
     assert moved.items == (set(features) - {3}) | {100} and len(moved) == len(vote)
+    few = local.DescriptorVote({i: features[i] for i in (3, 7, 9)})  # exact search
+    assert few.top(features[7])[0] == 7 and 7 not in few.changed({}, {7}).top(features[7])
 
 
 def test_a_thing_not_in_the_catalog_gets_no_verified_hit_and_a_low_score(grocery_verified, sample_index):

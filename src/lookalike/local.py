@@ -136,8 +136,8 @@ class DescriptorVote:
     """The local descriptors of catalog items in one FAISS index, each under its item's int id
     (uint8 values kept exactly: 128 bytes each), asked which items a query's descriptors match most.
 
-    Items are added and removed in place (``changed``); the inverted file keeps the lists it
-    learned first, as the catalog's own IVF index does.
+    An index change makes a changed copy (``changed``: searches still using this one go on
+    safely); the inverted file keeps the lists it learned first, as the catalog's own IVF does.
     """
 
     def __init__(self, features: dict[int, LocalFeatures]):
