@@ -184,6 +184,11 @@ def test_build_options_say_how_features_are_made(tmp_path):
     assert len(hits[0]["hits"]) == 3 and all(h["metadata"]["label"] == "Jeans" for h in hits[0]["hits"])
     hits = json.loads(run("search", tmp_path / "plain", jeans, "-k", "3", "--regions", "--orient", "--json").stdout)
     assert len(hits[0]["hits"]) == 3 and hits[0]["hits"][0]["metadata"]["label"] == "Jeans"
+    camera = json.loads(run("search", tmp_path / "plain", jeans, "-k", "3", "--camera", "--json").stdout)
+    from lookalike import VisualSearch
+
+    expected = VisualSearch.open(tmp_path / "plain").search(jeans, k=3, orient="auto", regions="auto")
+    assert [h["id"] for h in camera[0]["hits"]] == [h.id for h in expected.hits]
 
     proc = run("build", SAMPLE / "catalog.csv", "-o", tmp_path / "white", "-q", "--whiten", "64")
     info = json.loads(run("info", tmp_path / "white", "--json").stdout)

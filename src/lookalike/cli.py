@@ -92,8 +92,8 @@ def cmd_build(args) -> int:
 def cmd_search(args) -> int:
     vs = VisualSearch.open(args.index_dir, device=args.device, runtime=args.runtime)
     filt = _parse_filter(args.filter)
-    results = vs.search(list(args.queries), k=args.k, filter=filt, expand=args.expand, orient=args.orient,
-                        regions=args.regions,
+    orient, regions = ("auto", "auto") if args.camera else (args.orient, args.regions)
+    results = vs.search(list(args.queries), k=args.k, filter=filt, expand=args.expand, orient=orient, regions=regions,
                         verify=False if args.no_verify else None)
     if args.json:
         _print_json([r.to_dict() | {"query": q} for r, q in zip(results, args.queries)])
@@ -459,6 +459,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--expand", type=_non_negative_int, default=0, metavar="N", help=EXPAND_HELP)
     p.add_argument("--orient", action="store_true", help=ORIENT_HELP)
     p.add_argument("--regions", action="store_true", help=REGIONS_HELP)
+    p.add_argument("--camera", action="store_true", help="search as the camera does, for phone photos: the regions, "
+                   "and for a photo whose best hit is neither verified nor scores well, its best turn and then a finer "
+                   "grid of smaller squares (--orient and --regions 'auto' in the API)")
     p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     p.set_defaults(func=cmd_search)
 
