@@ -655,14 +655,13 @@ class VisualSearch:
         for q in range(len(vectors)):
             if local is None or local[q] is None:
                 continue
-            inliers[q] = self._inliers(local[q], found[q][2], looks[q].inliers)
-            voted = self._voted(local[q], looks[q], subset, found[q][2]) if not (inliers[q] >= MIN_INLIERS).any() else []
-            if len(voted):  # scored as the global search scores, and verified
+            voted = self._verify_shortlist(local[q], found[q][2], looks[q], subset)
+            if len(voted):  # scored as the global search scores them
                 rows = flat[q * max(regions, 1):(q + 1) * max(regions, 1)]
                 more = self._index.search(rows, len(voted), subset=voted)
                 more = _best_region(*more, regions) if regions else more
                 found[q] = tuple(np.concatenate([a, b[0]]) for a, b in zip(found[q], more))
-                inliers[q] = np.concatenate([inliers[q], self._inliers(local[q], more[2][0], looks[q].inliers)])
+            inliers[q] = np.fromiter((looks[q].inliers[int(i)] for i in found[q][2]), np.int64, len(found[q][2]))
         every = np.unique(np.concatenate([ids for _, _, ids in found]))
         rows = self._items.rows(every)
         if len(rows) < len(every[every >= 0]):
@@ -683,6 +682,15 @@ class VisualSearch:
                 hits.append(hit)
             out.append(hits)
         return out
+
+    def _verify_shortlist(self, query: LocalFeatures, shortlist: np.ndarray, looks: _Looks, subset: Any) -> np.ndarray:
+        """Verify a query's shortlist (int ids) into ``looks.inliers``; when none of it verifies,
+        the items its descriptors vote for that the shortlist lacks, verified too (returned)."""
+        if (self._inliers(query, shortlist, looks.inliers) >= MIN_INLIERS).any():
+            return np.zeros(0, np.int64)
+        voted = self._voted(query, looks, subset, shortlist)
+        self._inliers(query, voted, looks.inliers)
+        return voted
 
     def _voted(self, query: LocalFeatures, looks: _Looks, subset: Any, shortlisted: np.ndarray) -> np.ndarray:
         """The int ids the query's descriptors vote for (``local.DescriptorVote``) that the
@@ -1108,12 +1116,10 @@ class VisualSearch:
             if local is not None:  # geometric verification reorders each query's shortlist, as search's
                 for row, q in zip(ranked, chunk):
                     if local[q] is not None:
-                        head, rest = row[:VERIFY_SHORTLIST], row[VERIFY_SHORTLIST:]
-                        inliers = self._inliers(local[q], head)
-                        if not (inliers >= MIN_INLIERS).any():
-                            voted = self._voted(local[q], _Looks(), None, head)
-                            head, rest = np.concatenate([head, voted]), rest[~np.isin(rest, voted)]
-                            inliers = np.concatenate([inliers, self._inliers(local[q], voted)])
+                        head, rest, looks = row[:VERIFY_SHORTLIST], row[VERIFY_SHORTLIST:], _Looks()
+                        voted = self._verify_shortlist(local[q], head, looks, None)
+                        head, rest = np.concatenate([head, voted]), rest[~np.isin(rest, voted)]
+                        inliers = np.fromiter((looks.inliers[int(i)] for i in head), np.int64, len(head))
                         row[:] = np.concatenate([head[_verified_first(inliers)], rest])
             ranked_labels = np.vectorize(int_to_label.get, otypes=[object])(ranked) if ranked.size else ranked
             query_labels = np.array([items[q].metadata[label] for q in chunk], dtype=object)
