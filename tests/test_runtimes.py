@@ -42,6 +42,31 @@ def test_fp32_runtimes_give_the_same_vectors(spec_weights):
     assert _cos(vectors["torch"], vectors["onnxruntime"]).min() > 0.9999
 
 
+def test_openvino_fixed_shapes_agree_with_the_dynamic_shape(spec_weights, monkeypatch):
+    """Each batch size gets a model compiled for its shape, up to STATIC_SHAPES of them, then the
+    dynamic one; every one gives the same vectors, called from several threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lookalike import runtimes
+    from lookalike.featurizer import load_pixels, onnx_model
+
+    spec, weights = spec_weights
+    monkeypatch.setattr(runtimes, "STATIC_SHAPES", 3)
+    ov = runtimes.OpenVinoRuntime(onnx_model(spec, weights), "fp32", threads=2)
+    pixels = np.stack([load_pixels(p, spec) for p in IMAGES[:8]])
+    reference = ov.run(pixels)  # batch 8
+    sizes = [1, 2, 3, 5, 8, 3, 1]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda n: ov.run(pixels[:n]), sizes))
+        alone = list(pool.map(lambda n: ov.run(pixels[:n], alone=True), sizes))
+    for n, a, b in zip(sizes, got, alone):
+        np.testing.assert_allclose(a, reference[:n], rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(b, reference[:n], rtol=1e-3, atol=1e-4)
+    fixed = sorted(n for _, n in ov._compiled if n is not None)
+    assert len(fixed) == 3 and 8 in fixed  # the first sizes met; the others ran the dynamic shape
+    assert (False, None) in ov._compiled and (True, None) in ov._compiled
+
+
 def test_auto_measures_once_and_remembers(spec_weights, tmp_path, monkeypatch):
     monkeypatch.setenv("LOOKALIKE_CACHE", str(tmp_path / "cache"))
     spec, weights = spec_weights

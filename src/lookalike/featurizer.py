@@ -63,9 +63,9 @@ GRID = 3
 CPU_CHUNK = 4  # inputs per model call on CPU: small batches stay in the core's cache (measured 1-8 best)
 
 
-def preprocess(img: Image.Image, spec: ModelSpec) -> np.ndarray:
+def preprocess(img: Image.Image, spec: ModelSpec, out: np.ndarray | None = None) -> np.ndarray:
     """An RGB image as the model's float32 CHW input: resize short side, centre crop, normalise."""
-    return normalize(crop(img, spec), spec)
+    return normalize(crop(img, spec), spec, out)
 
 
 def crop(img: Image.Image, spec: ModelSpec) -> np.ndarray:
@@ -84,22 +84,24 @@ def crop(img: Image.Image, spec: ModelSpec) -> np.ndarray:
     return np.asarray(img.resize((size, size), resample, box=box, reducing_gap=None))
 
 
-def normalize(pixels: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """``crop``'s uint8 [H, W, 3] as the model's float32 [3, H, W] input."""
+def normalize(pixels: np.ndarray, spec: ModelSpec, out: np.ndarray | None = None) -> np.ndarray:
+    """``crop``'s uint8 [H, W, 3] as the model's float32 [3, H, W] input (written into ``out`` if given)."""
     size = spec.input_size
     # (x / 255 - mean) / std as one multiply-add, written straight into a CHW float32 array.
     std = np.asarray(spec.std, dtype=np.float32)
     scale = (1.0 / (255.0 * std))[:, None, None]
     offset = (-np.asarray(spec.mean, dtype=np.float32) / std)[:, None, None]
-    out = np.empty((3, size, size), np.float32)
+    out = np.empty((3, size, size), np.float32) if out is None else out
     np.multiply(pixels.transpose(2, 0, 1), scale, out=out)
     out += offset
     return out
 
 
-def load_pixels(source: ImageSource, spec: ModelSpec, policy: ImagePolicy = DEFAULT_POLICY) -> np.ndarray:
-    """Decode one input (reduced-size JPEG decoding where the model's size allows) and preprocess it."""
-    return preprocess(load_image(source, policy=policy, draft_size=spec.resize_size), spec)
+def load_pixels(source: ImageSource, spec: ModelSpec, policy: ImagePolicy = DEFAULT_POLICY,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """Decode one input (reduced-size JPEG decoding where the model's size allows) and preprocess it
+    (into ``out`` if given)."""
+    return preprocess(load_image(source, policy=policy, draft_size=spec.resize_size), spec, out)
 
 
 def make_int8_model(spec: ModelSpec, weights: Weights, sources: Sequence[ImageSource], path: Path,
@@ -198,9 +200,9 @@ class Featurizer:
     def precision(self) -> str:
         return self._runtime.precision
 
-    def load(self, source: ImageSource) -> np.ndarray:
-        """Decode and preprocess one input (raises ImageError)."""
-        return load_pixels(source, self.spec, self.policy)
+    def load(self, source: ImageSource, out: np.ndarray | None = None) -> np.ndarray:
+        """Decode and preprocess one input (into ``out`` if given; raises ImageError)."""
+        return load_pixels(source, self.spec, self.policy, out)
 
     def run(self, pixels: np.ndarray, *, alone: bool = False, flip: bool = True) -> np.ndarray:
         """Run the model on a preprocessed batch [n, 3, H, W] -> float32 [n, dim].
@@ -307,30 +309,33 @@ class Featurizer:
     def _chunks(self, sources: Sequence[ImageSource]) -> Iterator[tuple[list[int], np.ndarray, list]]:
         """CPU: yield (indices, vectors, errors) per chunk of CPU_CHUNK inputs, in order.
 
-        Each of ``threads`` workers decodes its chunk and runs the model on it, one core per call,
-        so the cores never wait for each other: no decode threads competing with model threads,
-        no barrier between the model's threads after every layer.
+        Each worker decodes its chunk and runs the model on it, one core per call, so the cores
+        never wait for each other: no barrier between the model's threads after every layer. There
+        are as many workers as the runtime says keep its cores busy (``workers``: one per core, and
+        with OpenVINO, whose requests queue for its own per-core streams, one more, decoding while
+        the others' requests run).
         """
 
         def work(start: int):
-            done = []
+            size = self.spec.input_size
+            pixels = np.empty((CPU_CHUNK, 3, size, size), np.float32)  # written in place: no stacking copy
+            indices, errs = [], []
             for i in range(start, min(start + CPU_CHUNK, len(sources))):
                 try:
-                    done.append((i, self.load(sources[i]), None))
+                    self.load(sources[i], out=pixels[len(indices)])
+                    indices.append(i)
                 except ImageError as exc:
-                    done.append((i, None, exc))
-            indices = [i for i, _, err in done if err is None]
-            errs = [(i, err) for i, _, err in done if err is not None]
+                    errs.append((i, exc))
             if not indices:
                 return indices, np.zeros((0, self.dim), np.float32), errs
-            pixels = np.stack([a for _, a, err in done if err is None])
+            pixels = pixels[:len(indices)]
             return indices, self.run(pixels, alone=len(sources) == 1), errs
 
         if len(sources) <= CPU_CHUNK and (len(sources) == 1 or self.threads == 1):
             yield work(0)  # a lone query: in the caller's thread, no pool to start and hand over to
             return
         starts = iter(range(0, len(sources), CPU_CHUNK))
-        with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="lookalike-featurize") as pool:
+        with ThreadPoolExecutor(max_workers=self._runtime.workers, thread_name_prefix="lookalike-featurize") as pool:
             pending = deque(pool.submit(work, s) for s in islice(starts, 4 * self.threads))  # bounded look-ahead
             try:
                 while pending:
