@@ -18,6 +18,7 @@ index's own file) travels to the actors through Ray's object store.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import tempfile
@@ -35,7 +36,7 @@ from .models import Weights
 from .runtimes import cpu_count
 from .types import ModelSpec
 
-RAY_BLOCK = 64  # images per decode task and per actor call
+RAY_BLOCK = 64  # at most this many images per decode task and per actor call
 CONNECT_TIMEOUT = 5.0  # seconds to reach a cluster's address
 DECODE_CPUS = 0.25  # logical CPUs a decode task asks for: decoding is light beside the model
 
@@ -84,6 +85,9 @@ class _Featurize:
         finally:
             if model_file is not None:  # the runtime holds the model now
                 os.unlink(model_file)
+        # One call now, while the first block decodes: a runtime's first call is slow (buffers, kernels).
+        size = spec.input_size
+        self.featurizer.run(np.zeros((CPU_CHUNK if device == "cpu" else 1, 3, size, size), np.float32))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error_kind"] == ""
@@ -131,9 +135,13 @@ def featurize_on_ray(
         rows = [{"position": int(p), "image": str(s)} for p, s in zip(positions, sources)]
         if not rows:
             return
-        dataset = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // RAY_BLOCK)))
+        # Blocks of at most RAY_BLOCK, as many as a multiple of the actors, so that they finish together
+        # (coil-100's 1,200 images: 20 of 60 rather than 19 of 64 and one actor idle at the end).
+        blocks = math.ceil(math.ceil(len(rows) / RAY_BLOCK) / actors) * actors
+        block = math.ceil(len(rows) / blocks)
+        dataset = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / block))
         dataset = dataset.map_batches(_decode, fn_kwargs={"spec": spec, "policy": policy, "cwd": os.getcwd()},
-                                      batch_size=RAY_BLOCK, batch_format="numpy", num_cpus=DECODE_CPUS)
+                                      batch_size=block, batch_format="numpy", num_cpus=DECODE_CPUS)
         with warnings.catch_warnings():  # max_restarts has no named parameter of its own yet
             warnings.simplefilter("ignore", DeprecationWarning)
             dataset = dataset.map_batches(
@@ -141,7 +149,7 @@ def featurize_on_ray(
                                                    "precision": precision, "model_ref": model_ref, "policy": policy,
                                                    "batch_size": batch_size},
                 max_restarts=0,  # an actor lost fails the build; the shards saved so far make --resume quick
-                batch_size=RAY_BLOCK, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+                batch_size=block, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                 # one actor per CPU, each asking a little less than one, so decode tasks fit beside them
                 num_cpus=0 if gpus else 1 - DECODE_CPUS / 2, num_gpus=1 if gpus else 0,
             )
