@@ -66,7 +66,11 @@ targets (PASS/FAIL) are for the camera default: grocery-iconic fine recall@1 >= 
 camera-sim recall@1 >= 0.95, median query time <= 150 ms over both protocols' queries.
 
     .venv/bin/python benchmarks/camera.py [--protocols grocery-iconic,camera-sim] [--max-queries N]
-                                          [--save-photos DIR] [--json FILE] [--data DIR]
+                                          [--rows plain,default+verify+auto+grid] [--save-photos DIR]
+                                          [--json FILE] [--data DIR]
+
+(``--rows``: only those rows, and only the indexes they use; the targets are checked only when the
+camera default is one of them.)
 
 Indexes and synthetic photos go to a temporary folder; nothing is written beside the data.
 """
@@ -218,7 +222,8 @@ def measure(vs, queries: list[dict], columns: list[str], options: dict) -> dict:
     }
 
 
-def run(protocols: list[str], data: Path, work: Path, limit: int | None, save_photos: Path | None, say) -> dict:
+def run(protocols: list[str], rows: list[str], data: Path, work: Path, limit: int | None, save_photos: Path | None,
+        say) -> dict:
     from lookalike import VisualSearch
 
     results = {}
@@ -246,6 +251,8 @@ def run(protocols: list[str], data: Path, work: Path, limit: int | None, save_ph
         }
         results[p] = {"gallery": str(gallery), "columns": columns, "rows": {}, "builds": {}}
         for index_name, build_kwargs in builds.items():
+            if not any(ROWS[row][0] == index_name for row in rows):
+                continue
             start = time.perf_counter()
             vs = VisualSearch.build(gallery, work / f"{p}-{index_name}", progress=False, **build_kwargs)
             seconds = time.perf_counter() - start
@@ -258,7 +265,8 @@ def run(protocols: list[str], data: Path, work: Path, limit: int | None, save_ph
             results[p]["builds"][index_name] = {"kwargs": build_kwargs, "indexed": report.indexed,
                                                 "seconds": seconds, "features": features,
                                                 "warnings": list(report.warnings)}
-            for row, (uses, options) in ROWS.items():
+            for row in rows:
+                uses, options = ROWS[row]
                 if uses != index_name:
                     continue
                 start = time.perf_counter()
@@ -275,7 +283,7 @@ def run(protocols: list[str], data: Path, work: Path, limit: int | None, save_ph
 # --- reporting -----------------------------------------------------------------------------------
 
 
-def print_table(results: dict, protocols: list[str]) -> None:
+def print_table(results: dict, protocols: list[str], rows: list[str]) -> None:
     name_w, cell = 30, 7
     groups = []  # (protocol, column or None for ms)
     for p in protocols:
@@ -296,7 +304,7 @@ def print_table(results: dict, protocols: list[str]) -> None:
     print(head1)
     print(head2)
     print("-" * len(head2))
-    for row in ROWS:
+    for row in rows:
         line = f"{row:<{name_w}}"
         for (p, c), width in zip(groups, widths):
             r = results[p]["rows"][row]
@@ -312,7 +320,7 @@ def print_table(results: dict, protocols: list[str]) -> None:
           "vs.search(photo, k=5, ...) call.")
     print()
     for p in protocols:
-        for row in ROWS:
+        for row in rows:
             r = results[p]["rows"][row]
             line = f"{p:<15}{row:<30}median {r['median_ms']:5.0f} ms, p90 {r['p90_ms']:5.0f} ms"
             if ROWS[row][0] == "verified":
@@ -352,8 +360,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="at most N queries per protocol, evenly spaced in query order (default: all)")
     ap.add_argument("--save-photos", type=Path, default=None, metavar="DIR",
                     help="also copy the synthetic camera-sim photos to DIR, to look at")
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (default: all)")
     ap.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write every figure to FILE as JSON")
     args = ap.parse_args(argv)
+    rows = list(dict.fromkeys(args.rows.split(",")))
+    for row in rows:
+        if row not in ROWS:
+            ap.error(f"unknown row {row!r}; choose from {', '.join(ROWS)}")
 
     protocols = list(dict.fromkeys(args.protocols.split(",")))
     for name in protocols:
@@ -372,16 +385,17 @@ def main(argv: list[str] | None = None) -> int:
     say = lambda *a: print(*a, flush=True)  # noqa: E731
     from lookalike.featurizer import cpu_count
 
-    say(f"lookalike camera benchmark: {len(ROWS)} rows x {len(protocols)} protocols, data {args.data}"
+    say(f"lookalike camera benchmark: {len(rows)} rows x {len(protocols)} protocols, data {args.data}"
         + (f", at most {args.max_queries} queries per protocol" if args.max_queries else ""))
     say(f"machine: {cpu_count()} cores, {platform.machine()}")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lookalike-camera-") as tmp:
-        results = run(protocols, args.data, Path(tmp), args.max_queries, args.save_photos, say)
+        results = run(protocols, rows, args.data, Path(tmp), args.max_queries, args.save_photos, say)
     total = time.perf_counter() - start
 
-    print_table(results, protocols)
-    print_targets(results, protocols)
+    print_table(results, protocols, rows)
+    if CAMERA_DEFAULT in rows:
+        print_targets(results, protocols)
     print(f"\ntotal {total:.0f} s")
     if args.json:
         out = {"data": str(args.data), "cores": cpu_count(), "seed": SEED, "seconds": total,
