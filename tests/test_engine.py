@@ -501,6 +501,23 @@ def test_a_thing_not_in_the_catalog_gets_no_verified_hit_and_a_low_score(grocery
         VisualSearch.open(sample_index).search(things[0], verify=True)
 
 
+def test_warm_up_readies_the_model_and_the_vote_and_changes_no_result(grocery_verified, sample_index):
+    import csv
+
+    row = next(csv.DictReader(open(DATA / "grocery" / "queries.csv")))
+    photo = DATA / "grocery" / row["image"]
+    cold = VisualSearch.open(grocery_verified.path).search(photo, k=5, regions="auto", orient="auto")
+    warmed = VisualSearch.open(grocery_verified.path)
+    warmed.warm_up()
+    assert warmed._vote is not None and warmed._vote[1] is not None  # made before any query
+    hot = warmed.search(photo, k=5, regions="auto", orient="auto")
+    assert [(h.id, h.inliers) for h in hot.hits] == [(h.id, h.inliers) for h in cold.hits]
+    np.testing.assert_allclose([h.score for h in hot.hits], [h.score for h in cold.hits], atol=1e-5)
+    plain = VisualSearch.open(sample_index)  # no local features: the model only
+    plain.warm_up()
+    assert plain._vote is None and plain.search(photo, k=1).hits
+
+
 def test_local_features_follow_their_items_through_add_remove_and_a_crashed_change(tmp_path):
     import csv
 

@@ -339,7 +339,7 @@ def run_camera(
     queries, latency_total = 0, 0.0
     start = time.perf_counter()
     try:
-        vs.featurize(np.full((64, 64, 3), 128, np.uint8))  # load the model before the clock starts
+        vs.warm_up()  # the model loaded and run at every batch size, the vote made, before the clock starts
         width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
         feed = LiveFeed(cap) if live else FileFeed(cap, cv2, realtime=not headless)
         kind = "live" if live else f"video file, {feed.fps:g} fps, paced by video time"

@@ -472,6 +472,20 @@ class VisualSearch:
                                           runtime=self.runtime, precision=precision, model_file=model_file)
         return self._featurizer
 
+    def warm_up(self) -> None:
+        """Make the first query as fast as the ones after it (``serve`` calls this at start-up):
+        load the model and run it at every batch size a query uses (a whole picture; a camera
+        photo's turns, regions and grid), since OpenVINO compiles a model for each batch size on
+        its first use, and make the descriptor vote of an index with local features."""
+        blank = Image.new("RGB", (self.spec.input_size,) * 2, (128, 128, 128))
+        featurizer = self.featurizer
+        featurizer.featurize([blank], strict=True)
+        featurizer.featurize_turned([blank])
+        featurizer.featurize_regions([blank])
+        featurizer.featurize_regions([blank], grid=True)
+        if self.has_local_features:
+            self._descriptor_vote()
+
     def _int8_model(self, info: dict[str, Any]) -> Path:
         """The index's own int8 model, checked against the manifest's hash."""
         path = self.path / str(info.get("name", INT8_MODEL))

@@ -391,8 +391,7 @@ class SharedIndex:
         self._refresh_lock = threading.Lock()
         self._thumbs: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
         self._thumbs_lock = threading.Lock()
-        # Load the model now and run it once, so the first query is as fast as the others.
-        self.vs.featurizer.featurize([_blank(self.vs.spec.input_size)], strict=True)
+        self.vs.warm_up()  # the model loaded and run, the vote made: the first query as fast as the others
 
     def _maybe_refresh(self) -> None:
         now = time.monotonic()
@@ -444,12 +443,6 @@ def usable_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
-
-
-def _blank(size: int):
-    from PIL import Image
-
-    return Image.new("RGB", (size, size), (128, 128, 128))
 
 
 def _hit_dict(hit) -> dict[str, Any]:
