@@ -40,7 +40,9 @@ PRECISIONS = ("fp32", "bf16", "int8")
 AUTO_PRECISIONS = ("fp32", "bf16")
 CHOICE_FILE = "runtime-choice.json"
 CALIBRATION_CHUNK = 4  # inputs per timed call when choosing a runtime, as the featurizer's CPU chunks
-STATIC_SHAPES = 8  # OpenVINO: batch sizes compiled with a fixed shape (each about 0.1 s to compile)
+# OpenVINO: batch sizes compiled with a fixed shape, the first met (each about 0.1 s to compile
+# and 25 MB; a query service meets 4: a picture, a photo's turns, regions and grid; a build 2 or 3).
+STATIC_SHAPES = 6
 INT8_METHOD = "minmax-avg"  # how int8 activation ranges are calibrated: minmax, minmax-avg or percentile
 
 
