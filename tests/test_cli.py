@@ -173,6 +173,13 @@ def test_local_features_verify_phone_photos_from_the_command_line(tmp_path):
     verified = json.loads(run("evaluate", tmp_path / "g", queries, "-k", "1", "--json").stdout)
     plain = json.loads(run("evaluate", tmp_path / "g", queries, "-k", "1", "--json", "--no-verify").stdout)
     assert verified["queries"] == plain["queries"] == 61 and verified["recall@1"] > plain["recall@1"], (verified, plain)
+    few = write_csv(tmp_path / "few.csv", ["id", "image", "label"],
+                    [[r["id"], str(DATA / "grocery" / r["image"]), r["label"]] for r in rows[:12]])
+    camera = json.loads(run("evaluate", tmp_path / "g", few, "-k", "1,5", "--json", "--camera").stdout)
+    from lookalike import VisualSearch
+
+    expected = VisualSearch.open(tmp_path / "g").evaluate(few, ks=[1, 5], orient="auto", regions="auto")
+    assert {k: camera[k] for k in ("recall@1", "recall@5", "queries")} == {k: expected[k] for k in ("recall@1", "recall@5", "queries")}
 
 
 def test_build_options_say_how_features_are_made(tmp_path):

@@ -352,8 +352,8 @@ def test_a_photo_taken_sideways_still_finds_its_item(coil_index, tmp_path):
     for bad in ("sometimes", 1, None):
         with pytest.raises(QueryError, match="orient must be true, false or 'auto'"):
             vs.search(upright[0], orient=bad)
-    with pytest.raises(QueryError, match="'auto' is for search"):
-        vs.evaluate(DATA / "coil-6view" / "queries.csv", orient="auto")
+    with pytest.raises(QueryError, match="orient must be true, false or 'auto'"):
+        vs.evaluate(DATA / "coil-6view" / "queries.csv", orient="sometimes")
 
     # real phone photos from shops, taken with the phone on its side, find their catalog pictures
     grocery = VisualSearch.build(DATA / "grocery" / "catalog.csv", tmp_path / "g")
@@ -405,6 +405,9 @@ def test_geometric_verification_finds_more_phone_photos_of_printed_products(groc
     queries = [Item(id=r["id"], image=str(p), label=r["label"], metadata={"label": r["label"]}) for r, p in zip(rows, photos)]
     assert vs.evaluate(queries, ks=[1])["recall@1"] == first(verified) / len(rows)
     assert vs.evaluate(queries, ks=[1], verify=False)["recall@1"] == first(plain) / len(rows)
+    # and with the camera's "auto" second looks, each photo as search ranks it
+    camera = vs.search(photos[:20], k=5, regions="auto", orient="auto")
+    assert vs.evaluate(queries[:20], ks=[1], regions="auto", orient="auto")["recall@1"] == first(camera) / 20
 
 
 def test_query_photos_get_more_keypoints_and_match_as_opencv_does(grocery_verified):
@@ -638,5 +641,12 @@ def test_regions_find_an_item_that_fills_only_part_of_a_camera_frame(tmp_path):
     assert [h.id for h in vs.search_vectors(looked[None], k=5)[0]] == [h.id for h in by_mode["auto"][unsure[0]].hits]
     with pytest.raises(QueryError, match="regions must be true, false or 'auto'"):
         vs.search(photos[0], regions="sometimes")
-    with pytest.raises(QueryError, match="'auto' is for search"):
-        vs.evaluate(query_csv, regions="auto")
+    # evaluate with "auto" ranks each photo as search does, second looks included
+    camera = vs.evaluate(query_csv, ks=(1, 5), regions="auto", orient="auto")
+    searched = vs.search(photos, k=5, regions="auto", orient="auto")
+    assert camera["recall@1"] == sum(r.hits[0].metadata["label"] == q[2] for r, q in zip(searched, queries)) / len(queries)
+    assert camera["recall@5"] == sum(any(h.metadata["label"] == q[2] for h in r.hits)
+                                     for r, q in zip(searched, queries)) / len(queries)
+    assert camera["queries"] == len(queries) and camera["skipped"] == 0
+    with pytest.raises(QueryError, match="regions must be true, false or 'auto'"):
+        vs.evaluate(query_csv, regions="sometimes")

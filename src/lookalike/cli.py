@@ -239,10 +239,10 @@ def cmd_evaluate(args) -> int:
         ks = [int(k) for k in str(args.k).split(",") if k.strip()]
     except ValueError:
         raise LookalikeError(f"-k must be a comma-separated list of whole numbers, got {args.k!r}") from None
+    orient, regions = ("auto", "auto") if args.camera else (args.orient, args.regions)
     result = vs.evaluate(args.queries, label=args.label, ks=ks, leave_one_out=args.leave_one_out,
-                         expand=args.expand, orient=args.orient, verify=False if args.no_verify else None,
-                         regions=args.regions,
-                         progress=_progress_factory(args))
+                         expand=args.expand, orient=orient, verify=False if args.no_verify else None,
+                         regions=regions, progress=_progress_factory(args))
     if args.json:
         _print_json(result)
         return 0
@@ -373,6 +373,9 @@ ORIENT_HELP = ("also try each query photo turned by 90, 180 and 270 degrees (tak
                "and keep the turn that matches clearly better; about 4x the featurizing time")
 
 
+CAMERA_HELP = ("search as the camera does, for phone photos: the regions, and for a photo whose best hit is neither "
+               "verified nor scores well, its best turn and then a finer grid of smaller squares (--orient and "
+               "--regions 'auto' in the API)")
 MODES = {"auto": "auto", "always": True, "never": False}  # camera's --orient and --regions
 
 NO_VERIFY_HELP = ("do not verify the best candidates geometrically (an index built with --local-features "
@@ -459,9 +462,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--expand", type=_non_negative_int, default=0, metavar="N", help=EXPAND_HELP)
     p.add_argument("--orient", action="store_true", help=ORIENT_HELP)
     p.add_argument("--regions", action="store_true", help=REGIONS_HELP)
-    p.add_argument("--camera", action="store_true", help="search as the camera does, for phone photos: the regions, "
-                   "and for a photo whose best hit is neither verified nor scores well, its best turn and then a finer "
-                   "grid of smaller squares (--orient and --regions 'auto' in the API)")
+    p.add_argument("--camera", action="store_true", help=CAMERA_HELP)
     p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     p.set_defaults(func=cmd_search)
 
@@ -507,6 +508,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--expand", type=_non_negative_int, default=0, metavar="N", help=EXPAND_HELP)
     p.add_argument("--orient", action="store_true", help=ORIENT_HELP)
     p.add_argument("--regions", action="store_true", help=REGIONS_HELP)
+    p.add_argument("--camera", action="store_true", help=CAMERA_HELP + "; each query photo ranked as search ranks it")
     p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     p.set_defaults(func=cmd_evaluate)
 

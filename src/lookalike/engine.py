@@ -1028,9 +1028,9 @@ class VisualSearch:
         ks: Sequence[int] = (1, 5, 10),
         leave_one_out: bool = False,
         expand: int = 0,
-        orient: bool = False,
+        orient: bool | str = False,
         verify: bool | None = None,
-        regions: bool = False,
+        regions: bool | str = False,
         progress: bool | ProgressFactory | None = None,
     ) -> dict[str, Any]:
         """Recall@k, precision@1 and mAP (full ranking) of a query catalog against this index.
@@ -1041,13 +1041,12 @@ class VisualSearch:
         ``queries``) makes every item of the index a query against the others. ``expand``,
         ``orient``, ``verify`` and ``regions`` are search's (``orient`` and ``regions`` apply to
         the queries that are featurized; a query that is an item of the index verifies with its
-        stored local features).
+        stored local features). With either "auto" (the camera's choice) each featurized query is
+        ranked by ``search`` itself, second looks included, one at a time.
         """
         _check_expand(expand)
-        for name, value in (("orient", orient), ("regions", regions)):
-            if not isinstance(value, bool):
-                raise QueryError(f"evaluate: {name} must be true or false ('auto' is for search), got {value!r}",
-                                 subject=value)
+        _check_orient(orient)
+        _check_regions(regions)
         ks = sorted({int(k) for k in ks})
         if not ks or ks[0] < 1:
             raise QueryError(f"k values must be >= 1, got {list(ks)}")
@@ -1079,7 +1078,26 @@ class VisualSearch:
                 to_featurize.append(q)
         skipped = 0
         keep = np.ones(len(items), bool)
-        if to_featurize and (orient or regions):  # one query at a time: turned, and its regions
+        n_all = len(self._index)
+        searched: dict[int, np.ndarray] = {}  # query -> its whole ranking (int ids), from search()
+        if to_featurize and (orient == "auto" or regions == "auto"):  # as search() ranks them, second looks included
+            int_of = {id_: int_id for id_, (int_id, _) in stored.items()}
+            factory = _progress(progress)
+            bar = factory(len(to_featurize)) if factory else None
+            for q in to_featurize:
+                try:
+                    hits = self.search(items[q].image, k=max(1, n_all), expand=expand, orient=orient, verify=verify,
+                                       regions=regions).hits
+                    searched[q] = np.full(n_all, -1, np.int64)  # -1: not reached (an inverted file's unprobed lists)
+                    searched[q][:len(hits)] = [int_of[h.id] for h in hits]
+                except ImageError:
+                    keep[q] = False
+                    skipped += 1
+                if bar is not None:
+                    bar.update(1)
+            if bar is not None:
+                bar.close()
+        elif to_featurize and (orient or regions):  # one query at a time: turned, and its regions
             factory = _progress(progress)
             bar = factory(len(to_featurize)) if factory else None
             for q in to_featurize:
@@ -1112,16 +1130,36 @@ class VisualSearch:
                 keep[to_featurize[i]] = False
             skipped = len(result.errors)
 
-        local = self._query_local_features(items, self_ids, keep) if self._verifying(verify) else None
+        ranked_here = keep.copy()
+        ranked_here[list(searched)] = False
+        local = self._query_local_features(items, self_ids, ranked_here) if self._verifying(verify) else None
         gallery_labels = np.array([int_to_label.get(int(i)) for i in self._index.ids], dtype=object)
         label_counts: dict[Any, int] = {}
         for value in gallery_labels:
             label_counts[value] = label_counts.get(value, 0) + 1
+
+        def scored(chunk: np.ndarray, ranked: np.ndarray):
+            """per_query's figures of these queries, from their rankings (int ids) [len(chunk), n]."""
+            ranked_labels = np.vectorize(int_to_label.get, otypes=[object])(ranked) if ranked.size else ranked
+            query_labels = np.array([items[q].metadata[label] for q in chunk], dtype=object)
+            relevant = ranked_labels == query_labels[:, None]
+            is_self = ranked == self_ids[chunk][:, None]
+            if is_self.any():  # move each query's own item to the end of its ranking, as not relevant
+                order = np.argsort(is_self, axis=1, kind="stable")
+                relevant = np.take_along_axis(relevant, order, axis=1)
+                relevant[is_self.any(axis=1), -1] = False
+                positives = np.array([label_counts.get(items[q].metadata[label], 0) - (self_ids[q] >= 0) for q in chunk])
+            else:
+                positives = np.array([label_counts.get(items[q].metadata[label], 0) for q in chunk])
+            return per_query(relevant, positives, ks)
+
         chunks = []
+        if searched:
+            chunks.append(scored(np.array(list(searched)), np.stack(list(searched.values()))))
         qs = np.flatnonzero(keep)
-        n_all = len(self._index)
-        for s in range(0, len(qs), 256):
-            chunk = qs[s:s + 256]
+        here = np.flatnonzero(ranked_here)
+        for s in range(0, len(here), 256):
+            chunk = here[s:s + 256]
             queries = vectors[chunk].reshape(-1, self.dim)
             if expand:
                 queries = self._expanded(queries, expand, exclude=np.repeat(self_ids[chunk], REGIONS if regions else 1))
@@ -1135,18 +1173,7 @@ class VisualSearch:
                         head, rest = np.concatenate([head, voted]), rest[~np.isin(rest, voted)]
                         inliers = np.fromiter((looks.inliers[int(i)] for i in head), np.int64, len(head))
                         row[:] = np.concatenate([head[_verified_first(inliers)], rest])
-            ranked_labels = np.vectorize(int_to_label.get, otypes=[object])(ranked) if ranked.size else ranked
-            query_labels = np.array([items[q].metadata[label] for q in chunk], dtype=object)
-            relevant = ranked_labels == query_labels[:, None]
-            is_self = ranked == self_ids[chunk][:, None]
-            if is_self.any():  # move each query's own item to the end of its ranking, as not relevant
-                order = np.argsort(is_self, axis=1, kind="stable")
-                relevant = np.take_along_axis(relevant, order, axis=1)
-                relevant[is_self.any(axis=1), -1] = False
-                positives = np.array([label_counts.get(items[q].metadata[label], 0) - (self_ids[q] >= 0) for q in chunk])
-            else:
-                positives = np.array([label_counts.get(items[q].metadata[label], 0) for q in chunk])
-            chunks.append(per_query(relevant, positives, ks))
+            chunks.append(scored(chunk, ranked))
         seconds = time.perf_counter() - start
         out: dict[str, Any] = combine(chunks, ks)
         out["queries"] = int(keep.sum())
