@@ -1,9 +1,10 @@
 """Run an exported feature model: ONNX Runtime, OpenVINO or PyTorch, in fp32, bf16 or int8.
 
 Every runtime has one interface: ``run(pixels, alone=False) -> float32 [n, dim]``, safe to call
-from several threads at once, and ``workers``, how many calls at once keep its cores busy. On the CPU each call runs on one core (the featurizer keeps every
-core busy with its own call), except a call made ``alone`` (a single query with the other cores
-idle), which gets a session that spreads one input over all cores.
+from several threads at once, and ``workers``, how many calls at once keep its cores busy. On the
+CPU each call runs on one core (the featurizer keeps every core busy with its own call), except a
+call made ``alone`` (a single query with the other cores idle), which gets a session that spreads
+one input over all cores.
 
 ``auto`` picks, per model file, precision and CPU, the runtime a short measurement finds fastest,
 and remembers the choice in the user cache (``runtime-choice.json``), so the measurement runs
@@ -204,14 +205,18 @@ class OpenVinoRuntime:
             if key not in self._compiled:
                 if n is not None and sum(k[1] is not None for k in self._compiled) >= STATIC_SHAPES:
                     return self._get(latency, None)
-                model = self._model
-                if n is not None:
-                    model = model.clone()
-                    model.reshape([n] + self._item_shape)
                 config = {**self._config, "PERFORMANCE_HINT": "LATENCY"} if latency else {
                     **self._config, "PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": str(self.threads),
                     "INFERENCE_NUM_THREADS": str(self.threads)}
-                self._compiled[key] = (self._core.compile_model(model, "CPU", config), queue.SimpleQueue())
+                if n is None:
+                    self._compiled[key] = (self._core.compile_model(self._model, "CPU", config), queue.SimpleQueue())
+                else:
+                    try:
+                        model = self._model.clone()
+                        model.reshape([n] + self._item_shape)
+                        self._compiled[key] = (self._core.compile_model(model, "CPU", config), queue.SimpleQueue())
+                    except RuntimeError:  # a model that takes no fixed shape runs the dynamic one
+                        self._compiled[key] = self._get(latency, None)
             return self._compiled[key]
 
     def run(self, pixels: np.ndarray, alone: bool = False) -> np.ndarray:
