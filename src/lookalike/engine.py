@@ -1080,35 +1080,26 @@ class VisualSearch:
         keep = np.ones(len(items), bool)
         n_all = len(self._index)
         searched: dict[int, np.ndarray] = {}  # query -> its whole ranking (int ids), from search()
-        if to_featurize and (orient == "auto" or regions == "auto"):  # as search() ranks them, second looks included
+        if to_featurize and (orient or regions):  # one query at a time: turned, and its regions
+            camera = orient == "auto" or regions == "auto"  # ranked by search() itself, second looks included
             int_of = {id_: int_id for id_, (int_id, _) in stored.items()}
             factory = _progress(progress)
             bar = factory(len(to_featurize)) if factory else None
             for q in to_featurize:
                 try:
-                    hits = self.search(items[q].image, k=max(1, n_all), expand=expand, orient=orient, verify=verify,
-                                       regions=regions).hits
-                    searched[q] = np.full(n_all, -1, np.int64)  # -1: not reached (an inverted file's unprobed lists)
-                    searched[q][:len(hits)] = [int_of[h.id] for h in hits]
-                except ImageError:
-                    keep[q] = False
-                    skipped += 1
-                if bar is not None:
-                    bar.update(1)
-            if bar is not None:
-                bar.close()
-        elif to_featurize and (orient or regions):  # one query at a time: turned, and its regions
-            factory = _progress(progress)
-            bar = factory(len(to_featurize)) if factory else None
-            for q in to_featurize:
-                try:
-                    turn = 0
-                    if orient:
-                        turned = self.featurizer.featurize_turned([items[q].image])
-                        turn = int(self._best_turn(turned)[0])
-                        vectors[q] = turned[0, turn]
-                    if regions:
-                        vectors[q] = self.featurizer.featurize_regions([items[q].image], [TURNS[turn]])[0]
+                    if camera:
+                        hits = self.search(items[q].image, k=max(1, n_all), expand=expand, orient=orient,
+                                           verify=verify, regions=regions).hits
+                        searched[q] = np.full(n_all, -1, np.int64)  # -1: not reached (an inverted file's unprobed lists)
+                        searched[q][:len(hits)] = [int_of[h.id] for h in hits]
+                    else:
+                        turn = 0
+                        if orient:
+                            turned = self.featurizer.featurize_turned([items[q].image])
+                            turn = int(self._best_turn(turned)[0])
+                            vectors[q] = turned[0, turn]
+                        if regions:
+                            vectors[q] = self.featurizer.featurize_regions([items[q].image], [TURNS[turn]])[0]
                 except ImageError:
                     keep[q] = False
                     skipped += 1
