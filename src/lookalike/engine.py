@@ -675,7 +675,7 @@ class VisualSearch:
                 more = self._index.search(rows, len(voted), subset=voted)
                 more = _best_region(*more, regions) if regions else more
                 found[q] = tuple(np.concatenate([a, b[0]]) for a, b in zip(found[q], more))
-            inliers[q] = np.fromiter((looks[q].inliers[int(i)] for i in found[q][2]), np.int64, len(found[q][2]))
+            inliers[q] = looks[q].counts(found[q][2])
         every = np.unique(np.concatenate([ids for _, _, ids in found]))
         rows = self._items.rows(every)
         if len(rows) < len(every[every >= 0]):
@@ -1162,8 +1162,7 @@ class VisualSearch:
                         head, rest, looks = row[:VERIFY_SHORTLIST], row[VERIFY_SHORTLIST:], _Looks()
                         voted = self._verify_shortlist(local[q], head, looks, None)
                         head, rest = np.concatenate([head, voted]), rest[~np.isin(rest, voted)]
-                        inliers = np.fromiter((looks.inliers[int(i)] for i in head), np.int64, len(head))
-                        row[:] = np.concatenate([head[_verified_first(inliers)], rest])
+                        row[:] = np.concatenate([head[_verified_first(looks.counts(head))], rest])
             chunks.append(scored(chunk, ranked))
         seconds = time.perf_counter() - start
         out: dict[str, Any] = combine(chunks, ks)
@@ -1421,6 +1420,10 @@ class _Looks:
 
     inliers: dict[int, int] = field(default_factory=dict)  # candidate int id -> inliers
     voted: np.ndarray | None = None  # int ids its descriptors vote for, most votes first
+
+    def counts(self, int_ids: np.ndarray) -> np.ndarray:
+        """The inliers of these candidates, all fitted already: int64, in their order."""
+        return np.fromiter((self.inliers[int(i)] for i in int_ids), np.int64, len(int_ids))
 
 
 def _best_region(scores: np.ndarray, distances: np.ndarray, int_ids: np.ndarray, regions: int):
