@@ -67,10 +67,12 @@ camera-sim recall@1 >= 0.95, median query time <= 150 ms over both protocols' qu
 
     .venv/bin/python benchmarks/camera.py [--protocols grocery-iconic,camera-sim] [--max-queries N]
                                           [--rows plain,default+verify+auto+grid] [--save-photos DIR]
-                                          [--json FILE] [--data DIR]
+                                          [--distractors N] [--json FILE] [--data DIR]
 
 (``--rows``: only those rows, and only the indexes they use; the targets are checked only when the
-camera default is one of them.)
+camera default is one of them. ``--distractors N``: camera-sim's gallery also holds N pictures that
+no photo shows, drawn after the photos so these stay the same: the fashion items not in it, then
+coil-100's, in file order; the targets were set without them.)
 
 Indexes and synthetic photos go to a temporary folder; nothing is written beside the data.
 """
@@ -97,6 +99,8 @@ FASHION_ITEMS = 119
 TURNED_QUERIES = 100  # of 400
 JPEG_QUALITY = 85
 PROTOCOLS = ("grocery-iconic", "camera-sim")
+DISTRACTORS_HELP = ("camera-sim: add N pictures no photo shows to its gallery (the fashion items not in it, "
+                    "then coil-100, in file order; each its own label), to measure a bigger catalog")
 # row -> (index: "plain" / "default" / "verified", search options)
 ROWS = {
     "plain": ("plain", {}),
@@ -147,8 +151,9 @@ def grocery_iconic(data: Path, work: Path) -> tuple[Path, list[dict]]:
     return gallery, queries
 
 
-def camera_sim(data: Path, work: Path) -> tuple[Path, list[dict]]:
-    """Write the 200-picture gallery CSV and the 400 synthetic photos into ``work``."""
+def camera_sim(data: Path, work: Path, distractors: int = 0) -> tuple[Path, list[dict]]:
+    """Write the 200-picture gallery CSV and the 400 synthetic photos into ``work``; the gallery
+    also holds ``distractors`` pictures no photo shows (``DISTRACTORS_HELP``)."""
     from PIL import Image
 
     rng = np.random.default_rng(SEED)
@@ -163,7 +168,6 @@ def camera_sim(data: Path, work: Path) -> tuple[Path, list[dict]]:
     for row in gallery:
         row["label"] = row["id"]
     gallery_csv = work / "camera-sim-gallery.csv"
-    write_csv(gallery_csv, ["id", "image", "label"], gallery)
 
     backgrounds = sorted(p for p in (data / "backgrounds").iterdir() if p.suffix.lower() == ".jpg")
     turned = set(int(i) for i in rng.permutation(2 * len(gallery))[:TURNED_QUERIES])
@@ -178,6 +182,15 @@ def camera_sim(data: Path, work: Path) -> tuple[Path, list[dict]]:
             path = photos / f"{row['id']}-{suffix}.jpg"
             Image.fromarray(photo).save(path, quality=JPEG_QUALITY)
             queries.append({"id": f"{row['id']}-{suffix}", "image": str(path), "label": row["id"], **params})
+    shown = {row["id"] for row in gallery}
+    others = [{"id": f"fashion-{row['id']}", "image": str((data / "fashion-products-2000" / row["image"]).resolve())}
+              for row in fashion if f"fashion-{row['id']}" not in shown]
+    others += [{"id": f"coil-{row['id']}", "image": str((data / "coil-100" / row["image"]).resolve())}
+               for row in read_rows(data / "coil-100" / "items.csv")]
+    if distractors > len(others):
+        raise SystemExit(f"error: --distractors {distractors}: the data has {len(others)} pictures to add")
+    gallery += [{**row, "label": row["id"]} for row in others[:distractors]]
+    write_csv(gallery_csv, ["id", "image", "label"], gallery)
     return gallery_csv, queries
 
 
@@ -223,7 +236,7 @@ def measure(vs, queries: list[dict], columns: list[str], options: dict) -> dict:
 
 
 def run(protocols: list[str], rows: list[str], data: Path, work: Path, limit: int | None, save_photos: Path | None,
-        say) -> dict:
+        say, distractors: int = 0) -> dict:
     from lookalike import VisualSearch
 
     results = {}
@@ -233,7 +246,7 @@ def run(protocols: list[str], rows: list[str], data: Path, work: Path, limit: in
             columns = ["label", "coarse_label"]
         else:
             made_at = time.perf_counter()
-            gallery, queries = camera_sim(data, work)
+            gallery, queries = camera_sim(data, work, distractors)
             columns = ["label"]
             turned = sum(1 for q in queries if q["turn"])
             say(f"{p}: wrote {len(queries)} synthetic photos ({turned} turned) in {time.perf_counter() - made_at:.1f} s")
@@ -361,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-photos", type=Path, default=None, metavar="DIR",
                     help="also copy the synthetic camera-sim photos to DIR, to look at")
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (default: all)")
+    ap.add_argument("--distractors", type=int, default=0, metavar="N", help=DISTRACTORS_HELP)
     ap.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write every figure to FILE as JSON")
     args = ap.parse_args(argv)
     rows = list(dict.fromkeys(args.rows.split(",")))
@@ -390,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"machine: {cpu_count()} cores, {platform.machine()}")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lookalike-camera-") as tmp:
-        results = run(protocols, rows, args.data, Path(tmp), args.max_queries, args.save_photos, say)
+        results = run(protocols, rows, args.data, Path(tmp), args.max_queries, args.save_photos, say,
+                      args.distractors)
     total = time.perf_counter() - start
 
     print_table(results, protocols, rows)
