@@ -514,6 +514,8 @@ def test_warm_up_readies_the_model_and_the_vote_and_changes_no_result(grocery_ve
     warmed = VisualSearch.open(grocery_verified.path)
     warmed.warm_up()
     assert warmed._vote is not None and warmed._vote[1] is not None  # made before any query
+    # the store counts the descriptors the vote holds without loading them (what its limit reads)
+    assert warmed._items.local_descriptor_count(warmed._index.ids) == len(warmed._vote[1]) > 10_000
     hot = warmed.search(photo, k=5, regions="auto", orient="auto")
     assert [(h.id, h.inliers) for h in hot.hits] == [(h.id, h.inliers) for h in cold.hits]
     np.testing.assert_allclose([h.score for h in hot.hits], [h.score for h in cold.hits], atol=1e-5)

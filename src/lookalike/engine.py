@@ -37,7 +37,7 @@ from .finetune import finetune as finetune_model
 from .images import DEFAULT_POLICY, ImagePolicy, describe, load_image
 from .backends import create_index, index_class, load_index
 from .index import IndexWarning, check_spec, check_vectors, parse_size, plan_for_memory, prepare
-from .local import LOCAL_ENTRY, MAX_POINTS, MIN_INLIERS, VOTE_MAX_DESCRIPTORS, DescriptorVote, LocalFeatures
+from .local import LOCAL_ENTRY, MIN_INLIERS, VOTE_MAX_DESCRIPTORS, DescriptorVote, LocalFeatures
 from .local import extract as extract_local
 from .local import extract_query, one_blas_thread
 from .local import inliers as local_inliers
@@ -723,14 +723,13 @@ class VisualSearch:
             if self._vote is None or self._vote[0] != self.generation:
                 ids = getattr(self._index, "ids", None)
                 vote = self._vote[1] if self._vote is not None else None
-                if not (self.has_local_features and ids is not None and len(ids) * MAX_POINTS <= VOTE_MAX_DESCRIPTORS):
+                current = frozenset(int(i) for i in ids) if self.has_local_features and ids is not None else None
+                if current is None or self._items.local_descriptor_count(current) > VOTE_MAX_DESCRIPTORS:
                     vote = None
-                else:
-                    current = frozenset(int(i) for i in ids)
-                    if vote is None:
-                        vote = DescriptorVote(self._local_of(current))
-                    elif vote.items != current:
-                        vote = vote.changed(self._local_of(current - vote.items), set(vote.items - current))
+                elif vote is None:
+                    vote = DescriptorVote(self._local_of(current))
+                elif vote.items != current:
+                    vote = vote.changed(self._local_of(current - vote.items), set(vote.items - current))
                 self._vote = (self.generation, vote)
             return self._vote[1]
 

@@ -60,10 +60,10 @@ VOTE_PROBES = 4
 VOTE_LISTS_PER_ROOT = 4
 VOTE_MIN_PER_LIST = 16
 VOTE_TRAIN_PER_LIST = 10
-# A catalog whose items could hold more than VOTE_MAX_DESCRIPTORS (2,000 items of MAX_POINTS) gets
-# no vote: the index is made in memory on first use (10 s for a million descriptors, 7 s for
-# 676,000) and a query's cost grows with it (34 and 32 ms there); bigger ones would need an index
-# kept on disk. benchmarks/camera.py --distractors 1800 (camera-sim against 2,000 pictures, which
+# A catalog holding more than VOTE_MAX_DESCRIPTORS (2,000 pictures of MAX_POINTS; small ones have
+# fewer) gets no vote: the index is made in memory on first use (10 s for a million descriptors,
+# 7 s for 676,000) and a query's cost grows with it (34 and 32 ms there); bigger ones would need
+# an index kept on disk. benchmarks/camera.py --distractors 1800 (camera-sim against 2,000 pictures, which
 # had no vote at the earlier limit of 500 items): verification alone 0.575 -> 0.795, the camera
 # default 0.895 -> 0.912 at the same median time (77 ms).
 VOTE_MAX_DESCRIPTORS = 1_000_000

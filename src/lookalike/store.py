@@ -687,6 +687,20 @@ class ItemTable:
                 out[int_id] = (points, descriptors)
         return out
 
+    def local_descriptor_count(self, int_ids: Iterable[int]) -> int:
+        """How many local descriptors (128 bytes each) these items hold, read without loading them."""
+        if not _has_local_table(self.conn):
+            return 0
+        wanted = sorted({int(i) for i in int_ids})
+        total = 0
+        for start in range(0, len(wanted), 900):
+            chunk = wanted[start:start + 900]
+            marks = ",".join("?" * len(chunk))
+            row = self.conn.execute(
+                f"SELECT SUM(length(descriptors)) FROM local_features WHERE int_id IN ({marks})", chunk).fetchone()
+            total += int(row[0] or 0)
+        return total // 128
+
     def max_int_id(self) -> int:
         row = self.conn.execute("SELECT MAX(int_id) FROM items").fetchone()
         return int(row[0]) if row and row[0] is not None else 0
