@@ -505,6 +505,37 @@ def test_a_thing_not_in_the_catalog_gets_no_verified_hit_and_a_low_score(grocery
         VisualSearch.open(sample_index).search(things[0], verify=True)
 
 
+def test_a_big_vote_is_kept_in_the_user_cache_for_the_next_process(tmp_path, monkeypatch):
+    """A vote big enough to be slow to make is written to the user cache once made, and the next
+    VisualSearch opening the same generation reads it; a damaged file is made again, and a changed
+    index makes its own and drops the earlier one."""
+    import csv
+
+    from lookalike import engine, local
+
+    monkeypatch.setenv("LOOKALIKE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(engine, "VOTE_CACHE_MIN", 0)  # these 30 pictures' descriptors count as big
+    rows = list(csv.DictReader(open(DATA / "grocery" / "catalog.csv")))[:30]
+    catalog = write_csv(tmp_path / "catalog.csv", ["id", "image"],
+                        [[r["id"], str(DATA / "grocery" / r["image"])] for r in rows])
+    vs = VisualSearch.build(catalog, tmp_path / "index", local_features=True, progress=False)
+    made = vs._descriptor_vote()
+    votes = tmp_path / "cache" / "votes"
+    (cached,) = votes.glob("*.faiss")
+    stamp = cached.stat().st_mtime_ns
+    photo = local.extract_query(Image.open(DATA / "grocery" / rows[3]["image"]).convert("RGB"))
+    read = VisualSearch.open(vs.path)._descriptor_vote()
+    assert cached.stat().st_mtime_ns == stamp  # read, not made again
+    assert len(read) == len(made) > 5_000 and read.items == made.items
+    assert list(read.top(photo)) == list(made.top(photo)) and read.top(photo)[0] == vs._items.int_ids([rows[3]["id"]])[rows[3]["id"]]
+    cached.write_bytes(b"not a faiss index")
+    assert len(VisualSearch.open(vs.path)._descriptor_vote()) == len(made)  # made again, and cached again
+    vs.remove(rows[0]["id"])
+    smaller = VisualSearch.open(vs.path)._descriptor_vote()
+    (newer,) = votes.glob("*.faiss")
+    assert newer.name != cached.name and len(smaller) < len(made) and len(smaller) == len(vs._descriptor_vote())
+
+
 def test_warm_up_readies_the_model_and_the_vote_and_changes_no_result(grocery_verified, sample_index):
     import csv
 

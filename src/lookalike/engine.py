@@ -12,6 +12,8 @@ results into hits with metadata.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import os
 import threading
@@ -31,13 +33,13 @@ from .catalog import check_unique, read_catalog
 from .checkpoint import SHARD_ITEMS, BuildCheckpoint, fingerprint
 from .errors import BackendError, CatalogError, ClusterError, ImageError, IndexError_, ModelError, QueryError, StoreError
 from .evaluate import combine, per_query
-from .featurizer import REGIONS, TURNS, Featurizer, cpu_count, make_int8_model
+from .featurizer import REGIONS, TURNS, Featurizer, cache_dir, cpu_count, make_int8_model
 from .finetune import HEAD_DIM, VAL_FRACTION, VIEWS, FinetuneReport
 from .finetune import finetune as finetune_model
 from .images import DEFAULT_POLICY, ImagePolicy, describe, load_image
 from .backends import create_index, index_class, load_index
 from .index import IndexWarning, check_spec, check_vectors, parse_size, plan_for_memory, prepare
-from .local import LOCAL_ENTRY, MIN_INLIERS, VOTE_MAX_DESCRIPTORS, DescriptorVote, LocalFeatures
+from .local import LOCAL_ENTRY, MIN_INLIERS, VOTE_CACHE_MIN, VOTE_MAX_DESCRIPTORS, DescriptorVote, LocalFeatures
 from .local import extract as extract_local
 from .local import extract_query, one_blas_thread
 from .local import inliers as local_inliers
@@ -724,14 +726,47 @@ class VisualSearch:
                 ids = getattr(self._index, "ids", None)
                 vote = self._vote[1] if self._vote is not None else None
                 current = frozenset(int(i) for i in ids) if self.has_local_features and ids is not None else None
-                if current is None or self._items.local_descriptor_count(current) > VOTE_MAX_DESCRIPTORS:
+                count = self._items.local_descriptor_count(current) if current is not None else 0
+                if current is None or count > VOTE_MAX_DESCRIPTORS:
                     vote = None
                 elif vote is None:
-                    vote = DescriptorVote(self._local_of(current))
+                    vote = self._new_vote(current, count)
                 elif vote.items != current:
                     vote = vote.changed(self._local_of(current - vote.items), set(vote.items - current))
                 self._vote = (self.generation, vote)
             return self._vote[1]
+
+    def _new_vote(self, items: frozenset[int], count: int) -> DescriptorVote:
+        """A vote over these items (holding ``count`` descriptors): read from the user cache where
+        an earlier process made it for this generation of the index, else made, and cached when
+        it is big enough to be slow to make (VOTE_CACHE_MIN). The cache is only a shortcut: a
+        file that cannot be read or written is made or left out, never an error."""
+        path = self._vote_file() if count >= VOTE_CACHE_MIN else None
+        if path is not None and path.is_file():
+            try:
+                vote = DescriptorVote.load(path, items)
+                if len(vote) == count:
+                    return vote
+            except (RuntimeError, OSError):  # damaged or unreadable: made again below
+                pass
+        vote = DescriptorVote(self._local_of(items))
+        if path is not None:
+            try:
+                for older in path.parent.glob(path.name.split("-")[0] + "-*.faiss"):  # this index's earlier ones
+                    older.unlink(missing_ok=True)
+                vote.save(path)
+            except (RuntimeError, OSError):
+                pass  # no cache to write to: the next process makes it again
+        return vote
+
+    def _vote_file(self) -> Path:
+        """Where this generation's vote is kept between processes: the user cache, named by the
+        index directory and by the manifest's build time, generation and file hashes (so a rebuilt
+        or changed index never reads another's vote)."""
+        where = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:16]
+        state = [self.manifest.get("created_at"), self.generation, self.manifest.get("files")]
+        what = hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return cache_dir() / "votes" / f"{where}-{what}.faiss"
 
     def _local_of(self, int_ids) -> dict[int, LocalFeatures]:
         """The stored local features of these items, by int id (those that have them)."""
