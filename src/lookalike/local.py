@@ -66,9 +66,10 @@ VOTE_TRAIN_PER_LIST = 10
 # A catalog holding more than VOTE_MAX_DESCRIPTORS (2,000 pictures of MAX_POINTS; small ones have
 # fewer) gets no vote: the index is made in memory on first use (10 s for a million descriptors,
 # 7 s for 676,000) and a query's cost grows with it (34 and 32 ms there); bigger ones would need
-# a coarser index (compressed codes, a graph quantizer) whose ratio test still holds. benchmarks/camera.py --distractors 1800 (camera-sim against 2,000 pictures, which
-# had no vote at the earlier limit of 500 items): verification alone 0.575 -> 0.795, the camera
-# default 0.895 -> 0.912 at the same median time (77 ms).
+# a coarser index (compressed codes, a graph quantizer) whose ratio test still holds.
+# benchmarks/camera.py --distractors 1800 (camera-sim against 2,000 pictures, which had no vote
+# at the earlier limit of 500 items): verification alone 0.575 -> 0.795, the camera default
+# 0.895 -> 0.912 at the same median time (77 ms).
 VOTE_MAX_DESCRIPTORS = 1_000_000
 # A vote of at least VOTE_CACHE_MIN descriptors (about 0.7 s to make) is also written to the user
 # cache once made, so that the next process opening the same generation of the index reads it:
@@ -172,8 +173,8 @@ class DescriptorVote:
                                                        faiss.ScalarQuantizer.QT_8bit_direct)
             self.index.cp.niter = 10
             self.index.cp.min_points_per_centroid = VOTE_TRAIN_PER_LIST // 2  # what it is given is enough
-            sample = np.random.default_rng(0).choice(len(descriptors), min(len(descriptors), VOTE_TRAIN_PER_LIST * lists),
-                                                     replace=False)
+            learn = min(len(descriptors), VOTE_TRAIN_PER_LIST * lists)
+            sample = np.random.default_rng(0).choice(len(descriptors), learn, replace=False)
             self.index.train(descriptors[np.sort(sample)])
             self.index.nprobe = VOTE_PROBES
         self.items: frozenset[int] = frozenset()
