@@ -50,6 +50,7 @@ LOCK_TIMEOUT = 10.0
 # Rows of removed items stay this many generations, so a reader that has not yet switched to the
 # newest generation (a service checks once a second) still finds every item its index returns.
 KEEP_REMOVED_ROWS = 1000
+SQL_IN_CHUNK = 900  # values in one IN (...) list: under SQLite's older limit of 999 parameters
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -619,9 +620,7 @@ class ItemTable:
         """int_id -> (id, label, image, metadata) for the given int ids, in one query."""
         wanted = sorted({int(i) for i in int_ids})
         out = {}
-        for start in range(0, len(wanted), 900):
-            chunk = wanted[start:start + 900]
-            marks = ",".join("?" * len(chunk))
+        for marks, chunk in _in_chunks(wanted):
             for int_id, id_, label, image, metadata in self.conn.execute(
                 f"SELECT int_id, id, label, image, metadata FROM items WHERE int_id IN ({marks})", chunk
             ):
@@ -632,9 +631,7 @@ class ItemTable:
         """id -> int_id for those of ``ids`` that are in this generation."""
         wanted = list(dict.fromkeys(str(i) for i in ids))
         out = {}
-        for start in range(0, len(wanted), 900):
-            chunk = wanted[start:start + 900]
-            marks = ",".join("?" * len(chunk))
+        for marks, chunk in _in_chunks(wanted):
             for id_, int_id in self.conn.execute(
                 f"SELECT id, int_id FROM items WHERE id IN ({marks}) AND {_VISIBLE.replace(':gen', '?')}",
                 [*chunk, self.gen, self.gen],
@@ -678,9 +675,7 @@ class ItemTable:
             return {}
         wanted = sorted({int(i) for i in int_ids})
         out = {}
-        for start in range(0, len(wanted), 900):
-            chunk = wanted[start:start + 900]
-            marks = ",".join("?" * len(chunk))
+        for marks, chunk in _in_chunks(wanted):
             for int_id, points, descriptors in self.conn.execute(
                 f"SELECT int_id, points, descriptors FROM local_features WHERE int_id IN ({marks})", chunk
             ):
@@ -693,9 +688,7 @@ class ItemTable:
             return 0
         wanted = sorted({int(i) for i in int_ids})
         total = 0
-        for start in range(0, len(wanted), 900):
-            chunk = wanted[start:start + 900]
-            marks = ",".join("?" * len(chunk))
+        for marks, chunk in _in_chunks(wanted):
             row = self.conn.execute(
                 f"SELECT SUM(length(descriptors)) FROM local_features WHERE int_id IN ({marks})", chunk).fetchone()
             total += int(row[0] or 0)
@@ -704,6 +697,13 @@ class ItemTable:
     def max_int_id(self) -> int:
         row = self.conn.execute("SELECT MAX(int_id) FROM items").fetchone()
         return int(row[0]) if row and row[0] is not None else 0
+
+
+def _in_chunks(values: list) -> Iterator[tuple[str, list]]:
+    """``values`` in slices SQLite takes as one ``IN (...)`` list: (the "?,?,..." marks, the slice)."""
+    for start in range(0, len(values), SQL_IN_CHUNK):
+        chunk = values[start:start + SQL_IN_CHUNK]
+        yield ",".join("?" * len(chunk)), chunk
 
 
 def _has_local_table(conn: sqlite3.Connection) -> bool:
