@@ -62,12 +62,13 @@ DEFAULT = ("auto", "auto")  # what `lookalike build` does unless told
 
 def rows_here() -> list[tuple[str, str]]:
     """Eager first, then every runtime x precision this machine runs, then the default."""
-    from lookalike.runtimes import SUPPORTS, available, native_bf16
+    from lookalike.runtimes import SUPPORTS, available, int8_saturates, native_bf16
 
+    runs = {"bf16": native_bf16(), "int8": not int8_saturates()}  # refused where the CPU lacks them
     rows = [("torch", "fp32")]
     for runtime in ("onnxruntime", "openvino"):
         if available(runtime):
-            rows += [(runtime, p) for p in SUPPORTS[runtime] if p != "bf16" or native_bf16()]
+            rows += [(runtime, p) for p in SUPPORTS[runtime] if runs.get(p, True)]
     return rows + [DEFAULT]
 
 
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from lookalike.featurizer import cpu_count
-    from lookalike.runtimes import cpu_name, native_bf16
+    from lookalike.runtimes import cpu_name, int8_saturates, native_bf16
 
     rows = [tuple(r.split("/")) for r in args.rows.split(",")] if args.rows else rows_here()
     if ("torch", "fp32") not in rows:
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     say(f"lookalike speed benchmark: {len(rows)} rows; {cpu_count()} cores, {cpu_name()}, {platform.machine()}, "
-        f"native bf16 {'yes' if native_bf16() else 'no'}")
+        f"native bf16 {'yes' if native_bf16() else 'no'}, int8 {'refused (no VNNI)' if int8_saturates() else 'yes'}")
     say(f"onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__}, torch {torch.__version__}; "
         f"data {args.data}")
     start = time.perf_counter()

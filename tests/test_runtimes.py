@@ -14,7 +14,7 @@ from conftest import COIL, DATA, FASHION, write_csv
 from lookalike import ModelError, VisualSearch
 from lookalike.featurizer import Featurizer
 from lookalike.models import get_spec, resolve_weights, with_features
-from lookalike.runtimes import CHOICE_FILE, native_bf16
+from lookalike.runtimes import CHOICE_FILE, int8_saturates, native_bf16
 
 IMAGES = sorted(FASHION.glob("images/*.jpg"))[:12] + sorted(COIL.glob("*.png"))[:4]
 
@@ -104,39 +104,55 @@ def test_a_damaged_choice_file_is_measured_again(spec_weights, tmp_path, monkeyp
     assert json.loads((tmp_path / "cache" / CHOICE_FILE).read_text())
 
 
-def test_unsupported_choices_are_model_errors(spec_weights):
+def with_vnni(monkeypatch) -> None:
+    """Let this process take the CPU for one with VNNI, so int8 runs (and overflows, where it has none)."""
+    from lookalike import runtimes
+
+    name, flags = runtimes._cpuinfo()
+    monkeypatch.setattr(runtimes, "_cpuinfo", lambda: (name, flags | {"avx512_vnni"}))
+
+
+def without_vnni(monkeypatch) -> None:
+    from lookalike import runtimes
+
+    monkeypatch.setattr(runtimes, "_cpuinfo", lambda: ("Some CPU", frozenset({"sse4_2", "avx2", "fma"})))
+    monkeypatch.setattr(runtimes.platform, "machine", lambda: "x86_64")
+
+
+def test_unsupported_choices_are_model_errors(spec_weights, monkeypatch):
     spec, weights = spec_weights
     with pytest.raises(ModelError, match="runtime torch does not run precision int8"):
         Featurizer(spec, weights, runtime="torch", precision="int8")
     with pytest.raises(ModelError, match="unknown runtime 'tensorrt'"):
         Featurizer(spec, weights, runtime="tensorrt")
+    with_vnni(monkeypatch)
     with pytest.raises(ModelError, match="needs its quantized model file"):
         Featurizer(spec, weights, precision="int8")
 
 
 @pytest.fixture(scope="module")
 def int8_pair(tmp_path_factory):
-    """The same 120 coil-100 photos built in fp32 and in int8."""
+    """The same 120 coil-100 photos built in fp32 and in int8 (on a CPU without VNNI too, as if it had it)."""
     root = tmp_path_factory.mktemp("int8")
     rows = [[p.stem, str(p), p.stem.split("__")[0]] for p in sorted(COIL.glob("*.png"))[::10]]
     catalog = write_csv(root / "catalog.csv", ["id", "image", "label"], rows)
     fp32 = VisualSearch.build(catalog, root / "fp32", precision="fp32")
-    int8 = VisualSearch.build(catalog, root / "int8", precision="int8")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        with_vnni(monkeypatch)
+        int8 = VisualSearch.build(catalog, root / "int8", precision="int8")
     yield catalog, fp32, int8
     fp32.close()
     int8.close()
 
 
-def test_int8_index_keeps_its_calibrated_model_and_agrees_with_fp32(int8_pair):
+def test_int8_index_keeps_its_calibrated_model(int8_pair, monkeypatch):
     catalog, fp32, int8 = int8_pair
     entry = int8.manifest["model"]
     assert entry["precision"] == "int8" and int8.info()["precision"] == "int8"
     assert entry["model_file"]["calibration_images"] == 64  # INT8_CALIBRATION evenly spaced, all readable
     assert (int8.path / entry["model_file"]["name"]).is_file()
-    a, b = fp32._index.vectors_of(fp32._index.ids), int8._index.vectors_of(int8._index.ids)
-    cos = _cos(a, b)
-    assert cos.mean() > 0.98 and cos.min() > 0.9, (cos.mean(), cos.min())
     # Reopened, queries run the index's own int8 model: a stored image finds itself.
+    with_vnni(monkeypatch)
     with VisualSearch.open(int8.path) as vs:
         queries = [str(p) for p in sorted(COIL.glob("*.png"))[::10][:20]]
         top = [r.hits[0].id for r in vs.search(queries, k=1)]
@@ -145,9 +161,38 @@ def test_int8_index_keeps_its_calibrated_model_and_agrees_with_fp32(int8_pair):
         assert vs.doctor(vs.path)["ok"]
 
 
-def test_a_damaged_int8_model_is_found_and_named(int8_pair, tmp_path):
+@pytest.mark.skipif(int8_saturates(), reason="this CPU has no VNNI: its int8 overflows, and int8 is refused here")
+def test_int8_vectors_agree_with_fp32(int8_pair):
+    _, fp32, int8 = int8_pair
+    cos = _cos(fp32._index.vectors_of(fp32._index.ids), int8._index.vectors_of(int8._index.ids))
+    assert cos.mean() > 0.98 and cos.min() > 0.9, (cos.mean(), cos.min())
+
+
+def test_int8_is_refused_without_vnni_and_an_int8_index_runs_fp32_there(int8_pair, monkeypatch, tmp_path):
+    """Without VNNI, int8 products overflow 16 bits: a build in int8 is refused before any work, and
+    an int8 index made elsewhere queries with the fp32 model, saying so."""
+    catalog, fp32, int8 = int8_pair
+    without_vnni(monkeypatch)
+    spec, weights = fp32.spec, fp32.featurizer.weights
+    with pytest.raises(ModelError, match="precision int8 needs a CPU with VNNI.*Some CPU has none"):
+        Featurizer(spec, weights, precision="int8", model_file=int8.path / int8.manifest["model"]["model_file"]["name"])
+    with pytest.raises(ModelError, match="precision int8 needs a CPU with VNNI"):
+        VisualSearch.build(catalog, tmp_path / "refused", precision="int8")
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(ModelError, match="bf16 needs a CPU with native bf16.*; use fp32$"):
+        Featurizer(spec, weights, precision="bf16")
+    with VisualSearch.open(int8.path) as vs:
+        with pytest.warns(UserWarning, match="built in int8, whose arithmetic overflows on this CPU"):
+            assert vs.featurizer.precision == "fp32"
+        queries = [str(p) for p in sorted(COIL.glob("*.png"))[::10][:20]]
+        top = [r.hits[0].id for r in vs.search(queries, k=1)]
+        assert sum(t == p.split("/")[-1].rsplit(".", 1)[0] for t, p in zip(top, queries)) >= 18
+
+
+def test_a_damaged_int8_model_is_found_and_named(int8_pair, tmp_path, monkeypatch):
     import shutil
 
+    with_vnni(monkeypatch)
     _, _, int8 = int8_pair
     copy = tmp_path / "index"
     shutil.copytree(int8.path, copy)

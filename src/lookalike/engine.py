@@ -45,7 +45,7 @@ from .local import extract_query, one_blas_thread
 from .local import inliers as local_inliers
 from .models import (DEFAULT_MODEL, Weights, file_sha256, get_spec, read_model_config, resolve_weights,
                      spec_from_manifest, with_features)
-from .runtimes import check_choice, native_bf16
+from .runtimes import check_choice, int8_saturates, native_bf16
 from .store import IndexDir, ItemTable
 from .synthetic import backgrounds_in
 from .types import Hit, IndexSpec, Item, ModelSpec, SearchResult
@@ -467,6 +467,10 @@ class VisualSearch:
             if precision == "bf16" and self.device == "cpu" and not native_bf16():
                 warnings.warn(f"{self.path}: built in bf16, which this CPU does not compute natively; "
                               "its queries run in fp32 (the same model, vectors within rounding)", stacklevel=2)
+                precision = "fp32"
+            if precision == "int8" and self.device == "cpu" and int8_saturates():
+                warnings.warn(f"{self.path}: built in int8, whose arithmetic overflows on this CPU (no VNNI); its "
+                              "queries run in fp32 (vectors about 0.99 cosine to the stored ones)", stacklevel=2)
                 precision = "fp32"
             if precision == "int8":
                 model_file = self._int8_model(entry.get("model_file") or {})
