@@ -92,11 +92,13 @@ def native_bf16() -> bool:
 
 
 def int8_saturates() -> bool:
-    """Whether this is an x86 CPU without VNNI (AVX512-VNNI, AVX-VNNI or AMX-INT8), where ONNX Runtime and
-    OpenVINO multiply int8 by pairs summed into 16 bits that overflow: measured on an AVX2 AMD EPYC,
-    our int8 model's vectors were 0.91 (mean) and 0.76 (worst) cosine to fp32's, on both runtimes,
-    against 0.99 and 0.97 with unsigned weights (which do not overflow, and ran slower than fp32), and
-    no faster than fp32 (33.8 against 35.0 images/s on one core). Not x86, or no flags to read: False."""
+    """Whether this is an x86 CPU without VNNI (AVX512-VNNI, AVX-VNNI or AMX-INT8), where ONNX Runtime
+    and OpenVINO multiply int8 by pairs summed into 16 bits that overflow.
+
+    Measured on an AVX2 AMD EPYC: our int8 model's vectors were 0.91 (ONNX Runtime) and 0.86
+    (OpenVINO) cosine to fp32's on average, 0.76 and 0.68 at worst, against 0.99 and 0.97 with
+    unsigned weights (which do not overflow, and ran slower than fp32); and int8 was no faster than
+    fp32 there (33.8 against 35.0 images/s on one core). Not x86, or no flags to read: False."""
     flags = _cpuinfo()[1]
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
     return x86 and bool(flags) and not {"avx512_vnni", "avx_vnni", "amx_int8"} & flags
@@ -129,7 +131,7 @@ def check_choice(runtime: str, precision: str) -> None:
         raise ModelError(f"runtime {runtime} does not run precision {precision}; use {' or '.join(can)}", subject=runtime)
     if precision == "int8" and int8_saturates():
         raise ModelError(f"precision int8 needs a CPU with VNNI (AVX512-VNNI, AVX-VNNI or AMX), and {cpu_name()} "
-                         "has none: its int8 arithmetic overflows there (vectors about 0.91 cosine to fp32's) and "
+                         "has none: its int8 arithmetic overflows there (vectors 0.86-0.91 cosine to fp32's) and "
                          "is no faster than fp32; use fp32", subject=precision)
 
 
