@@ -335,6 +335,7 @@ def test_camera_finds_the_filmed_item(browser, server):
         assert page.evaluate("window.__searches.max") == 1
         assert page.evaluate("window.__searches.urls.every(u => new URL(u).searchParams.get('regions') === 'auto')")
         assert page.evaluate("window.__searches.urls.every(u => new URL(u).searchParams.get('orient') === 'auto')")
+        assert page.evaluate("window.__searches.urls.every(u => new URL(u).searchParams.get('budget_ms') === '150')")
 
         page.eval_on_selector("#camera-video", "v => { window.__tracks = v.srcObject.getTracks() }")
         page.click("#camera-stop")

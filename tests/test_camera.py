@@ -78,6 +78,7 @@ def test_headless_video_file_finds_each_item_in_turn(sample_index, video):
     print(f"\ncamera CLI on a {2 * FRAMES_EACH}-frame video: {summary['queries_per_s']} queries/s "
           f"(mean query {sum(q['ms'] for q in queries) / len(queries):.1f} ms)")
     assert "queries/s" in run.stderr.splitlines()[-1]
+    assert "second looks within 150 ms" in run.stderr  # the default frame budget
 
 
 def test_every_ms_is_video_time_and_max_queries_stops(sample_index, video):
@@ -93,6 +94,11 @@ def test_every_ms_is_video_time_and_max_queries_stops(sample_index, video):
     assert wrong.returncode == 2 and "--orient" in wrong.stderr
     wrong = camera(sample_index, "--source", str(video), "--headless", "--regions", "sometimes")
     assert wrong.returncode == 2 and "--regions" in wrong.stderr and "'never'" in wrong.stderr
+    wrong = camera(sample_index, "--source", str(video), "--headless", "--budget-ms", "-5")
+    assert wrong.returncode == 2 and "--budget-ms" in wrong.stderr
+    unlimited = camera(sample_index, "--source", str(video), "--headless", "--max-queries", "2", "--budget-ms", "0")
+    assert unlimited.returncode == 0, unlimited.stderr
+    assert "second looks within" not in unlimited.stderr and parse(unlimited.stdout)[1]["queries"] == 2
 
 
 def test_ctrl_c_ends_cleanly_with_the_summary(sample_index, tmp_path):

@@ -555,6 +555,39 @@ def test_warm_up_readies_the_model_and_the_vote_and_changes_no_result(grocery_ve
     assert plain._vote is None and plain.search(photo, k=1).hits
 
 
+def test_a_time_budget_takes_only_the_second_looks_that_fit(grocery_verified):
+    """budget_ms (the live camera's frame budget): a photo whose first look is unsure takes its
+    turn and grid looks only when they are expected to fit in what is left of its budget."""
+    import csv
+
+    vs = grocery_verified
+    rows = list(csv.DictReader(open(DATA / "grocery" / "queries.csv")))[::40]
+    photos = [Image.open(DATA / "grocery" / r["image"]).convert("RGB").rotate(90, expand=True) for r in rows]
+    first = vs.search(photos, k=5, regions=True)  # the first look only (its lone calls time the model)
+    unsure = [p for p, r in zip(photos, first) if vs.unsure(r.hits)]
+    assert unsure, "some sideways shop photos are unsure at the first look"
+    photo = unsure[0]
+    ids = lambda result: [(h.id, h.inliers) for h in result.hits]  # noqa: E731
+    only_first = vs.search(photo, k=5, regions=True)
+    every_look = vs.search(photo, k=5, regions="auto", orient="auto")
+    assert ids(every_look) != ids(only_first)  # its second looks changed its hits
+    # 1 ms: the first look has used it up, so no second look is taken
+    assert ids(vs.search(photo, k=5, regions="auto", orient="auto", budget_ms=1)) == ids(only_first)
+    # a minute: every look fits, as with no budget
+    assert ids(vs.search(photo, k=5, regions="auto", orient="auto", budget_ms=60_000)) == ids(every_look)
+    # the estimate a look is weighed by: the model's recent pace in lone calls, per input
+    per_input = vs.featurizer.expected_ms(1)
+    assert 0 < per_input < 5_000 and vs.featurizer.expected_ms(9) == pytest.approx(9 * per_input)
+    # a list of photos: each has its own budget; evaluate takes the same budget
+    listed = vs.search([photo, photo], k=5, regions="auto", orient="auto", budget_ms=1)
+    assert [ids(r) for r in listed] == [ids(only_first)] * 2
+    for bad in (0, -5, float("nan"), float("inf"), "fast", True):
+        with pytest.raises(QueryError, match="budget_ms must be a number of milliseconds above 0"):
+            vs.search(photo, regions="auto", budget_ms=bad)
+    with pytest.raises(QueryError, match="budget_ms"):
+        vs.evaluate(DATA / "grocery" / "queries.csv", regions="auto", budget_ms=-1)
+
+
 def test_local_features_follow_their_items_through_add_remove_and_a_crashed_change(tmp_path):
     import csv
 

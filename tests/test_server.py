@@ -158,9 +158,33 @@ def test_a_sideways_photo_with_orient_answers_as_the_python_api_does(client, sam
             for r in (by_query, by_json):
                 assert r.status_code == 200, r.text
                 assert [(h["id"], round(h["score"], 4)) for h in r.json()["results"][0]["hits"]] == expected
+    # budget_ms (the camera page sends one): a photo's second looks only when they fit in it. A shop
+    # photo of a thing the catalog lacks, turned: unsure at the first look, so it takes second looks
+    from conftest import DATA
+
+    stranger = tmp_path / "stranger.jpg"
+    Image.open(sorted((DATA / "grocery" / "photos" / "God-Morgon-Orange-Juice").glob("*.jpg"))[0]).rotate(
+        90, expand=True).save(stranger, quality=95)
+    first_look = vs.search(stranger, k=5, regions=True)
+    every_look = vs.search(stranger, k=5, orient="auto", regions="auto")
+    assert vs.unsure(first_look.hits) and [h.id for h in every_look.hits] != [h.id for h in first_look.hits]
+    for budget, expected in ((1, first_look), (60_000, every_look)):
+        by_query = upload(client, stranger, k=5, orient="auto", regions="auto", budget_ms=str(budget))
+        by_json = client.post("/search", json={"image_base64": base64.b64encode(stranger.read_bytes()).decode(), "k": 5,
+                                               "orient": "auto", "regions": "auto", "budget_ms": budget})
+        for r in (by_query, by_json):
+            assert r.status_code == 200, r.text
+            assert [(h["id"], round(h["score"], 4)) for h in r.json()["results"][0]["hits"]] == \
+                [(h.id, round(h.score, 4)) for h in expected.hits]
     for bad in ({"orient": "sometimes"}, {"orient": 2}, {"regions": "sometimes"}):
         r = client.post("/search", json={"image_base64": base64.b64encode(JEANS.read_bytes()).decode(), **bad})
         assert_error(r, 422, f"{next(iter(bad))} must be true")
+    for bad in ("0", "-3", "soon", "nan"):
+        r = client.post("/search", files=[("file", ("q.jpg", JEANS.read_bytes(), "image/jpeg"))],
+                        data={"regions": "auto", "budget_ms": bad})
+        assert_error(r, 422, "budget_ms must be a")
+    r = client.post("/search", json={"image_base64": base64.b64encode(JEANS.read_bytes()).decode(), "budget_ms": "soon"})
+    assert_error(r, 422, "budget_ms must be a finite number")
     unverified = upload(client, JEANS, k=5, verify="false")  # an index without local features: the same hits
     assert [h["id"] for h in unverified.json()["results"][0]["hits"]] == [h["id"] for h in upload(client, JEANS, k=5).json()["results"][0]["hits"]]
     assert "verified" not in unverified.json()["results"][0]["hits"][0]

@@ -312,6 +312,7 @@ def run_camera(
     err: IO[str] | None = None,
     orient: bool | str = "auto",
     regions: bool | str = "auto",
+    budget_ms: float | None = None,
 ) -> int:
     """Search ``vs`` with frames of ``source`` until it ends; the exit code (0).
 
@@ -323,6 +324,8 @@ def run_camera(
     hits are unsure is also tried turned by 90/180/270 degrees, for a camera held on its side or
     pointing down). ``regions`` (default "auto"): also search with regions of the frame, for an
     item that fills only part of it, and a finer grid of them when the hits are still unsure.
+    ``budget_ms``: a frame's time budget, within which those second looks must be expected to
+    fit to be taken (``VisualSearch.search``'s; None: no limit).
     """
     out = out or sys.stdout
     err = err or sys.stderr
@@ -343,7 +346,8 @@ def run_camera(
         width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
         feed = LiveFeed(cap) if live else FileFeed(cap, cv2, realtime=not headless)
         kind = "live" if live else f"video file, {feed.fps:g} fps, paced by video time"
-        print(f"camera: searching {name} ({width}x{height}, {kind}), at most one query per {every_ms} ms"
+        budget = f", second looks within {budget_ms:g} ms" if budget_ms and "auto" in (orient, regions) else ""
+        print(f"camera: searching {name} ({width}x{height}, {kind}), at most one query per {every_ms} ms{budget}"
               + ("" if headless else "; q or Esc quits"), file=err, flush=True)
         thumbs = None if headless else Thumbnails(cv2)
         hits: list = []
@@ -369,7 +373,7 @@ def run_camera(
             due = (now - last_query_wall >= every - 1e-3) if live else (pos - last_query_pos >= every - 5e-4)
             if due:
                 t_query = time.perf_counter()
-                result = vs.search(to_rgb(cv2, frame), k=k, orient=orient, regions=regions)
+                result = vs.search(to_rgb(cv2, frame), k=k, orient=orient, regions=regions, budget_ms=budget_ms)
                 ms = (time.perf_counter() - t_query) * 1000.0
                 queries += 1
                 latency_total += ms

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import __version__
 from .backends import BACKENDS
-from .engine import VisualSearch
+from .engine import CAMERA_BUDGET_MS, VisualSearch
 from .errors import LookalikeError
 from .finetune import HEAD_DIM, VAL_FRACTION, VIEWS
 from .index import KINDS, METRICS
@@ -94,7 +94,7 @@ def cmd_search(args) -> int:
     filt = _parse_filter(args.filter)
     orient, regions = ("auto", "auto") if args.camera else (args.orient, args.regions)
     results = vs.search(list(args.queries), k=args.k, filter=filt, expand=args.expand, orient=orient, regions=regions,
-                        verify=False if args.no_verify else None)
+                        verify=False if args.no_verify else None, budget_ms=_budget(args))
     if args.json:
         _print_json([r.to_dict() | {"query": q} for r, q in zip(results, args.queries)])
         return 0
@@ -242,7 +242,7 @@ def cmd_evaluate(args) -> int:
     orient, regions = ("auto", "auto") if args.camera else (args.orient, args.regions)
     result = vs.evaluate(args.queries, label=args.label, ks=ks, leave_one_out=args.leave_one_out,
                          expand=args.expand, orient=orient, verify=False if args.no_verify else None,
-                         regions=regions, progress=_progress_factory(args))
+                         regions=regions, budget_ms=_budget(args), progress=_progress_factory(args))
     if args.json:
         _print_json(result)
         return 0
@@ -330,7 +330,15 @@ def cmd_camera(args) -> int:
     return run_camera(
         vs, source=source, every_ms=args.every_ms, k=args.k, headless=args.headless,
         max_queries=args.max_queries, out=sys.stdout, orient=MODES[args.orient], regions=MODES[args.regions],
+        budget_ms=args.budget_ms or None,
     )
+
+
+def _budget(args) -> float | None:
+    """search's and evaluate's --budget-ms: a photo's time budget, for its --camera second looks."""
+    if args.budget_ms is not None and not args.camera:
+        raise LookalikeError("--budget-ms limits the second looks of --camera; add --camera or leave it out")
+    return args.budget_ms
 
 
 def _parse_filter(pairs: list[str] | None) -> dict[str, Any] | None:
@@ -376,6 +384,8 @@ ORIENT_HELP = ("also try each query photo turned by 90, 180 and 270 degrees (tak
 CAMERA_HELP = ("search as the camera does, for phone photos: the regions, and for a photo whose best hit is neither "
                "verified nor scores well, its best turn and then a finer grid of smaller squares (--orient and "
                "--regions 'auto' in the API)")
+BUDGET_HELP = ("with --camera: each photo's time budget in ms; its second looks (turned, finer grid) are taken only "
+               "when they are expected to fit in it (default: no limit; `camera` has one)")
 MODES = {"auto": "auto", "always": True, "never": False}  # camera's --orient and --regions
 
 NO_VERIFY_HELP = ("do not verify the best candidates geometrically (an index built with --local-features "
@@ -463,6 +473,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--orient", action="store_true", help=ORIENT_HELP)
     p.add_argument("--regions", action="store_true", help=REGIONS_HELP)
     p.add_argument("--camera", action="store_true", help=CAMERA_HELP)
+    p.add_argument("--budget-ms", type=_positive_int, metavar="MS", help=BUDGET_HELP)
     p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     p.set_defaults(func=cmd_search)
 
@@ -509,6 +520,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--orient", action="store_true", help=ORIENT_HELP)
     p.add_argument("--regions", action="store_true", help=REGIONS_HELP)
     p.add_argument("--camera", action="store_true", help=CAMERA_HELP + "; each query photo ranked as search ranks it")
+    p.add_argument("--budget-ms", type=_positive_int, metavar="MS", help=BUDGET_HELP)
     p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     p.set_defaults(func=cmd_evaluate)
 
@@ -576,6 +588,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--orient", choices=tuple(MODES), default="auto", help="try each frame turned "
                    "by 90/180/270 degrees (a camera held sideways): auto (default) only a frame whose best hit is neither "
                    "verified nor scores well upright; always (about 4x the featurizing per query); never")
+    p.add_argument("--budget-ms", type=_non_negative_int, default=int(CAMERA_BUDGET_MS), metavar="MS",
+                   help="a frame's time budget: the auto modes' second looks (turned, finer grid) are taken only when "
+                   f"they are expected to fit in it (default {CAMERA_BUDGET_MS:g}; 0: always, however long they take)")
     p.set_defaults(func=cmd_camera)
     return parser
 

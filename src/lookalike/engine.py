@@ -33,7 +33,7 @@ from .catalog import check_unique, read_catalog
 from .checkpoint import SHARD_ITEMS, BuildCheckpoint, fingerprint
 from .errors import BackendError, CatalogError, ClusterError, ImageError, IndexError_, ModelError, QueryError, StoreError
 from .evaluate import combine, per_query
-from .featurizer import REGIONS, TURNS, Featurizer, cache_dir, cpu_count, make_int8_model
+from .featurizer import GRID, REGIONS, TURNS, Featurizer, cache_dir, cpu_count, make_int8_model
 from .finetune import HEAD_DIM, VAL_FRACTION, VIEWS, FinetuneReport
 from .finetune import finetune as finetune_model
 from .images import DEFAULT_POLICY, ImagePolicy, describe, load_image
@@ -62,6 +62,7 @@ ORIENT_MARGIN = 0.05  # a turned query photo wins when its best hit scores this 
 # 0.943 / 0.950 / 0.953 / 0.955 and grocery-iconic 0.521 / 0.516 / 0.514 / 0.514, at a mean of 12.9
 # / 14.7 / 15.9 / 17.6 model runs per photo (6 when sure); turning alone at 0.5 gave 0.920 / 0.512.
 UNSURE = 0.6
+CAMERA_BUDGET_MS = 150.0  # a live camera query's time budget: its second looks are taken only when they fit in it
 ORIENTS = (False, True, "auto")
 REGION_MODES = (False, True, "auto")
 INT8_MODEL = "model-int8.onnx"  # an int8 index's own quantized model, in its directory
@@ -517,6 +518,7 @@ class VisualSearch:
         orient: bool | str = False,
         verify: bool | None = None,
         regions: bool | str = False,
+        budget_ms: float | None = None,
     ):
         """The k most similar items of each query, most similar first.
 
@@ -545,11 +547,16 @@ class VisualSearch:
         (after ``orient="auto"``'s turn) a second look with GRID x GRID smaller squares
         (``featurizer.grid_boxes``) at its turn, which finds an item too small for the regions:
         the live camera's choice (``search_featurized`` is it for callers that featurize).
+        ``budget_ms``: with either "auto", each query's time budget (the live camera's
+        CAMERA_BUDGET_MS): its second looks are taken only while they are expected to fit in it
+        (``search_featurized``); a query's clock includes its share of the first look.
         """
+        start = time.perf_counter()
         _check_k(k)
         _check_expand(expand)
         _check_orient(orient)
         _check_regions(regions)
+        _check_budget(budget_ms)
         if min_score is not None and not (isinstance(min_score, (int, float)) and math.isfinite(min_score)):
             raise QueryError(f"min_score must be a finite number, got {min_score!r}")
         sources, single = self._as_list(queries)
@@ -568,10 +575,11 @@ class VisualSearch:
             vectors = self._vectors(sources, turns=turns if regions else None)
         local = None if pending is None else [None if f is None else f.result() for f in pending]
         if orient == "auto" or regions == "auto":  # one query at a time: each may take second looks
+            share = (time.perf_counter() - start) / len(sources)  # of the first look, made for all at once
             found = [self._search_vectors(vectors[q][None], k, filter, expand)[0] if _is_vector(source) else
                      self.search_featurized(source, vectors[q], k=k, filter=filter, expand=expand,
                                             local=None if local is None else local[q], orient=orient, regions=regions,
-                                            turn=turns[q])
+                                            turn=turns[q], budget_ms=budget_ms, started=time.perf_counter() - share)
                      for q, source in enumerate(sources)]
         else:
             found = self._search_vectors(vectors, k, filter, expand, local)
@@ -843,6 +851,8 @@ class VisualSearch:
         turn: int = 0,
         reading: Callable[[], Any] | None = None,
         compute: Callable[[], Any] | None = None,
+        budget_ms: float | None = None,
+        started: float | None = None,
     ) -> list[Hit]:
         """search() of one query image for callers that featurize it themselves, second looks
         included: its hits with its ``vectors`` ([dim], or [REGIONS, dim] from
@@ -852,6 +862,12 @@ class VisualSearch:
         features (``local.extract_query``) to verify with; its descriptor vote is taken once and
         a candidate is fitted once, however many looks find them.
 
+        ``budget_ms``: the query's time budget (a live camera's frame budget): a second look is
+        taken only when the time since ``started`` (a ``time.perf_counter()``; default: this call)
+        plus what the look is expected to take fits in it: its model runs at the featurizer's
+        recent pace (``Featurizer.expected_ms``) and one more search as long as the first look's
+        (verification included). None: every look the hits call for.
+
         For a service: ``reading`` (a context manager yielding this object) guards each index
         search, ``compute`` each model run, so that neither is held through the other.
         """
@@ -859,16 +875,28 @@ class VisualSearch:
         _check_expand(expand)
         _check_orient(orient)
         _check_regions(regions)
+        _check_budget(budget_ms)
+        started = time.perf_counter() if started is None else started
         vectors = _query_vectors(vectors[None], self.dim)[0]
         reading = reading or (lambda: contextlib.nullcontext(self))
         compute = compute or contextlib.nullcontext
         local = local if self.has_local_features else None
         looks = _Looks()  # what verification found, for every look of this query
+        searched = time.perf_counter()
         with reading() as vs:
             hits = vs._search_vectors(vectors[None], k, filter, expand, [local], [looks])[0]
+        search_ms = 1000.0 * (time.perf_counter() - searched)
+
+        def fits(inputs: int) -> bool:
+            """Whether a look of this many model inputs fits in what is left of the budget."""
+            if budget_ms is None:
+                return True
+            spent = 1000.0 * (time.perf_counter() - started)
+            return spent + self.featurizer.expected_ms(inputs) + search_ms <= budget_ms
+
         if self.unsure(hits) and (orient == "auto" or regions == "auto"):
             image = load_image(image, policy=self.policy, draft_size=self.featurizer.draft_size(regions or True))
-            if orient == "auto":
+            if orient == "auto" and fits(self.turn_inputs(regions=vectors.ndim == 2)):
                 with compute():
                     turned = self.turned(image, vectors)
                 with reading() as vs:
@@ -876,13 +904,20 @@ class VisualSearch:
                     if best:
                         turn, vectors = TURNS[best], turned[best]
                         hits = vs._search_vectors(vectors[None], k, filter, expand, [local], [looks])[0]
-            if regions == "auto" and self.unsure(hits):
+            if regions == "auto" and self.unsure(hits) and fits(GRID**2):
                 with compute():
                     grid = self.featurizer.featurize_regions([image], [turn], grid=True)[0]
                 with reading() as vs:
                     both = np.concatenate([vectors.reshape(-1, self.dim), grid])
                     hits = vs._search_vectors(both[None], k, filter, expand, [local], [looks])[0]
         return self.passing(hits, min_score)
+
+    def turn_inputs(self, regions: bool) -> int:
+        """Model inputs ``turned`` runs: three turns of the whole picture (with its mirror image
+        under flip averaging), or with ``regions`` three turns of the REGIONS."""
+        if regions:
+            return 3 * REGIONS
+        return 2 * len(TURNS) if self.spec.tta == "flip" else len(TURNS)
 
     def turned(self, image: Any, upright: np.ndarray) -> np.ndarray:
         """An image's query vectors upright (``upright``: [dim], or [REGIONS, dim] from
@@ -1069,6 +1104,7 @@ class VisualSearch:
         orient: bool | str = False,
         verify: bool | None = None,
         regions: bool | str = False,
+        budget_ms: float | None = None,
         progress: bool | ProgressFactory | None = None,
     ) -> dict[str, Any]:
         """Recall@k, precision@1 and mAP (full ranking) of a query catalog against this index.
@@ -1077,7 +1113,7 @@ class VisualSearch:
         in the index (same id and image) is left out of its own ranking (leave-one-out), and its
         stored vector is used instead of featurizing it again. ``leave_one_out=True`` (and no
         ``queries``) makes every item of the index a query against the others. ``expand``,
-        ``orient``, ``verify`` and ``regions`` are search's (``orient`` and ``regions`` apply to
+        ``orient``, ``verify``, ``regions`` and ``budget_ms`` are search's (``orient`` and ``regions`` apply to
         the queries that are featurized; a query that is an item of the index verifies with its
         stored local features). With either "auto" (the camera's choice) each featurized query is
         ranked by ``search`` itself, second looks included, one at a time.
@@ -1085,6 +1121,7 @@ class VisualSearch:
         _check_expand(expand)
         _check_orient(orient)
         _check_regions(regions)
+        _check_budget(budget_ms)
         ks = sorted({int(k) for k in ks})
         if not ks or ks[0] < 1:
             raise QueryError(f"k values must be >= 1, got {list(ks)}")
@@ -1127,7 +1164,7 @@ class VisualSearch:
                 try:
                     if camera:
                         hits = self.search(items[q].image, k=max(1, n_all), expand=expand, orient=orient,
-                                           verify=verify, regions=regions).hits
+                                           verify=verify, regions=regions, budget_ms=budget_ms).hits
                         searched[q] = np.full(n_all, -1, np.int64)  # -1: not reached (an inverted file's unprobed lists)
                         searched[q][:len(hits)] = [int_of[h.id] for h in hits]
                     else:
@@ -1499,6 +1536,15 @@ def _check_orient(orient: Any) -> None:
 def _check_regions(regions: Any) -> None:
     if not any(regions is r or (isinstance(r, str) and regions == r) for r in REGION_MODES):
         raise QueryError(f"regions must be true, false or 'auto', got {regions!r}", subject=regions)
+
+
+def _check_budget(budget_ms: Any) -> None:
+    if budget_ms is None:
+        return
+    if isinstance(budget_ms, bool) or not isinstance(budget_ms, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(budget_ms) or budget_ms <= 0:
+        raise QueryError(f"budget_ms must be a number of milliseconds above 0 (or none), got {budget_ms!r}",
+                         subject=budget_ms)
 
 
 def _check_k(k: Any) -> None:

@@ -13,6 +13,7 @@ import math
 import os
 import tempfile
 import threading
+import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -60,6 +61,7 @@ REGIONS = 6
 GRID_SCALE = 0.4  # the second look: a GRID x GRID grid of squares of this share of the short side
 GRID = 3
 
+LOOK_AVERAGE = 0.2  # weight of the newest lone call in ``expected_ms``'s moving average
 CPU_CHUNK = 4  # inputs per model call on CPU: small batches stay in the core's cache (measured 1-8 best)
 
 
@@ -161,6 +163,8 @@ class Featurizer:
         self.model_file = model_file  # the int8 model it runs (None: the cached export of the spec's)
         self._lock = threading.Lock()
         self._mirror: ThreadPoolExecutor | None = None  # runs the mirror image of a lone query
+        self._input_ms = 0.0  # moving average of a model input's time in a lone call (``expected_ms``)
+        self._timed_sizes: set[int] = set()  # batch sizes of lone calls met (the first of each is not timed)
         self._runtime = self._open_runtime(runtime, precision, model_file)
         self.dim = self._runtime.dim
 
@@ -213,6 +217,7 @@ class Featurizer:
         """
         n = len(pixels)
         flip = flip and self.spec.tta == "flip" and n > 0
+        start = time.perf_counter()
         if self.device != "cpu":
             with self._lock:
                 out = self._runtime.run(np.concatenate([pixels, pixels[..., ::-1]]) if flip else pixels)
@@ -221,9 +226,26 @@ class Featurizer:
             out = np.concatenate([self._runtime.run(pixels), mirror.result()])
         else:  # the CPU runtimes may be called from several threads at once
             out = self._runtime.run(np.concatenate([pixels, pixels[..., ::-1]]) if flip else pixels, alone=alone)
+        if alone and n:
+            self._time_inputs(2 * n if flip else n, time.perf_counter() - start)
         if flip:
             out = (out[:n] + out[n:]) * np.float32(0.5)
         return out
+
+    def _time_inputs(self, inputs: int, seconds: float) -> None:
+        """Fold a lone call's time into ``expected_ms``'s average; a batch size's first call
+        (an OpenVINO model compiled for it, memory allocated) is left out."""
+        if inputs not in self._timed_sizes:
+            self._timed_sizes.add(inputs)
+            return
+        per_input = 1000.0 * seconds / inputs
+        self._input_ms = per_input if not self._input_ms else (1 - LOOK_AVERAGE) * self._input_ms + LOOK_AVERAGE * per_input
+
+    def expected_ms(self, inputs: int) -> float:
+        """How long ``inputs`` model inputs take in one lone call (a query's), in ms, from the
+        lone calls made so far (a moving average of their time per input; 0.0 before any): what
+        a query's time budget weighs a second look by."""
+        return inputs * self._input_ms
 
     def _mirror_pool(self) -> ThreadPoolExecutor:
         with self._lock:

@@ -524,6 +524,8 @@ REGIONS_DOC = ("also search with regions of each photo (its corners and centre) 
                "finds an item that fills only part of the frame (six model runs without the flip: about 3x the featurizing "
                "time); auto: the same, and a photo whose best hit is still neither verified nor scores well also searches "
                "a 3x3 grid of smaller squares (the web page's camera mode)")
+BUDGET_DOC = ("with orient or regions auto: each photo's time budget in ms; its second looks (turned, finer grid) are "
+              "taken only when they are expected to fit in it (the web page's camera mode sends 150); default: no limit")
 VERIFY_DOC = ("geometric verification of the best candidates with local features (default: on when the index has "
               "them); verified hits come first and carry inliers and verified")
 BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False}  # a yes/no in a query string or form field
@@ -549,6 +551,15 @@ def _float_param(value: Any, name: str) -> float:
         number = math.nan
     if not math.isfinite(number):
         raise QueryError(f"{name} must be a finite number, got {str(value)[:40]!r}")
+    return number
+
+
+def _budget_param(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    number = _float_param(value, "budget_ms")
+    if number <= 0:
+        raise QueryError(f"budget_ms must be a number of milliseconds above 0, got {str(value)[:40]!r}")
     return number
 
 
@@ -757,7 +768,7 @@ def create_app(settings: ServerSettings):
                 for key, value in form.multi_items():
                     if isinstance(value, UploadFile):
                         queries.append(Query(value.filename or f"upload {len(queries) + 1}", data=await value.read()))
-                    elif key in ("k", "min_score", "filter", "expand", "orient", "verify", "regions"):
+                    elif key in ("k", "min_score", "filter", "expand", "orient", "verify", "regions", "budget_ms"):
                         params[key] = _text_field(value, key)
                     elif key == "image_url":
                         queries.append(Query(value, url=_url_param(_text_field(value, key), "image_url", settings.allow_urls)))
@@ -780,12 +791,13 @@ def create_app(settings: ServerSettings):
             for key in ("orient", "verify", "regions"):
                 if key in body and not isinstance(body[key], bool) and not (key != "verify" and body[key] == "auto"):
                     raise QueryError(f"{key} must be true or false" + (' or "auto"' if key != "verify" else ""))
-            if "min_score" in body and (not isinstance(body["min_score"], (int, float)) or isinstance(body["min_score"], bool)):
-                raise QueryError("min_score must be a finite number")
+            for key in ("min_score", "budget_ms"):
+                if key in body and (not isinstance(body[key], (int, float)) or isinstance(body[key], bool)):
+                    raise QueryError(f"{key} must be a finite number")
             if "filter" in body and not isinstance(body["filter"], dict):
                 raise QueryError('filter must be a JSON object such as {"colour": "Black"}')
-            params.update({key: body[key] for key in ("k", "min_score", "filter", "expand", "orient", "verify", "regions")
-                           if key in body})
+            params.update({key: body[key] for key in ("k", "min_score", "filter", "expand", "orient", "verify", "regions",
+                                                      "budget_ms") if key in body})
             return _json_queries(body, settings.allow_urls, dim), params
         if ctype.startswith("image/") or ctype == "application/octet-stream":
             return [Query("<body>", data=await request.body())], params
@@ -795,7 +807,7 @@ def create_app(settings: ServerSettings):
 
     def run_search(
         queries: list[Query], k: int, filter: dict | None, min_score: float | None, expand: int, orient: bool | str,
-        verify: bool | None, regions: bool = False,
+        verify: bool | None, regions: bool = False, budget_ms: float | None = None,
     ) -> tuple[list[dict[str, Any]], int]:
         # One image decoded and featurized at a time, outside the index lock: a request's memory is
         # one decoded image however many it sends, and writers wait only for the index search.
@@ -814,6 +826,7 @@ def create_app(settings: ServerSettings):
                 inputs.append(np.repeat(vector[None], REGIONS, axis=0) if regions else vector)
                 local.append(None)
                 continue
+            started = time.perf_counter()  # the query's clock for budget_ms: from its decoding
             image = load_image(q.url if q.url is not None else q.data, policy=policy, draft_size=draft, name=q.name)
             q.data = None
             turn = 0
@@ -833,7 +846,7 @@ def create_app(settings: ServerSettings):
             if orient == "auto" or regions == "auto":  # with second looks where its hits are unsure
                 settled[len(inputs) - 1] = shared.vs.search_featurized(
                     image, inputs[-1], k=k, filter=filter, expand=expand, local=local[-1], orient=orient, regions=regions,
-                    reading=shared.reading, compute=lambda: shared.compute)
+                    reading=shared.reading, compute=lambda: shared.compute, budget_ms=budget_ms, started=started)
                 generation = shared.vs.generation
             del image
         todo = [i for i in range(len(inputs)) if i not in settled]
@@ -869,6 +882,7 @@ def create_app(settings: ServerSettings):
                 "orient": {"type": "string", "enum": [*BOOL_WORDS, "auto"], "description": ORIENT_DOC},
                 "verify": {"type": "string", "enum": list(BOOL_WORDS), "description": VERIFY_DOC},
                 "regions": {"type": "string", "enum": [*BOOL_WORDS, "auto"], "description": REGIONS_DOC},
+                "budget_ms": {"type": "number", "exclusiveMinimum": 0, "description": BUDGET_DOC},
             },
             **one_image(["file"], "anyOf"),
         }},
@@ -885,6 +899,7 @@ def create_app(settings: ServerSettings):
                 "orient": {"oneOf": [{"type": "boolean"}, {"const": "auto"}], "description": ORIENT_DOC},
                 "verify": {"type": "boolean", "description": VERIFY_DOC},
                 "regions": {"oneOf": [{"type": "boolean"}, {"const": "auto"}], "description": REGIONS_DOC},
+                "budget_ms": {"type": "number", "exclusiveMinimum": 0, "description": BUDGET_DOC},
             },
             **one_image(["image_base64", "vector"]),
         }},
@@ -910,6 +925,7 @@ def create_app(settings: ServerSettings):
         orient: Literal["true", "false", "1", "0", "auto"] | None = QueryParam(None, description=ORIENT_DOC),
         verify: Literal["true", "false", "1", "0"] | None = QueryParam(None, description=VERIFY_DOC),
         regions: Literal["true", "false", "1", "0", "auto"] | None = QueryParam(None, description=REGIONS_DOC),
+        budget_ms: float | None = QueryParam(None, gt=0, description=BUDGET_DOC),
     ):
         """The most similar catalog items of each query image, most similar first.
 
@@ -921,7 +937,8 @@ def create_app(settings: ServerSettings):
         are unsure), ``verify`` (geometric verification; on by default when the index has local
         features), ``regions`` (also search with regions of each photo, each item scored by its
         best region; about 3x the featurizing; ``auto``: and a photo whose hits are still unsure
-        also searches a finer grid).
+        also searches a finer grid), ``budget_ms`` (with ``auto``: each photo's time budget, from
+        its decoding; its second looks are taken only when they are expected to fit in it).
         """
         start = time.perf_counter()
         require_read_key(request)
@@ -933,9 +950,10 @@ def create_app(settings: ServerSettings):
         orient_ = _auto_param(params.get("orient", False), "orient")
         verify_ = _bool_param(params["verify"], "verify") if params.get("verify") is not None else None
         regions_ = _auto_param(params.get("regions", False), "regions")
+        budget_ = _budget_param(params.get("budget_ms"))
         async with gate.enter():
             results, generation = await run_in_threadpool(
-                run_search, queries, k_, filter_, min_score_, expand_, orient_, verify_, regions_)
+                run_search, queries, k_, filter_, min_score_, expand_, orient_, verify_, regions_, budget_)
         return JSONResponse({"results": results, "took_ms": round((time.perf_counter() - start) * 1000, 2)},
                             headers={"X-Index-Generation": str(generation)})
 

@@ -28,6 +28,7 @@
   };
 
   const SMOOTH_FRAMES = 5;      // camera: vote over the last N frames
+  const CAMERA_BUDGET_MS = 150; // camera: a frame's time budget for the server's second looks (its CAMERA_BUDGET_MS)
   const FRAME_LONGEST_SIDE = 384;
   const RATE_WINDOW_MS = 3000;  // camera: queries/s over the last few seconds
   const SHOWN_FIELDS = new Set(["title", "location"]);
@@ -548,9 +549,10 @@
       // ask for a few more than k per frame so the vote has something to work with; search the
       // frame's corners and centre too (regions): an item held up fills only part of the frame;
       // a frame found neither verified nor well upright is tried turned (orient=auto), then with
-      // a finer grid of smaller squares (regions=auto)
+      // a finer grid of smaller squares (regions=auto), each only when the server expects it to
+      // fit in the frame budget (budget_ms)
       const data = await postSearch(blob, "camera.jpg", Math.min(100, k * 2), minScore, undefined,
-                                    { regions: "auto", orient: "auto" });
+                                    { regions: "auto", orient: "auto", budget_ms: CAMERA_BUDGET_MS });
       if (session !== camera.session) return;
       const t1 = performance.now();
       camera.done.push(t1);
