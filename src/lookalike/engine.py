@@ -33,7 +33,7 @@ from .catalog import check_unique, read_catalog
 from .checkpoint import SHARD_ITEMS, BuildCheckpoint, fingerprint
 from .errors import BackendError, CatalogError, ClusterError, ImageError, IndexError_, ModelError, QueryError, StoreError
 from .evaluate import combine, per_query
-from .featurizer import GRID, REGIONS, TURNS, Featurizer, cache_dir, cpu_count, make_int8_model
+from .featurizer import GRID, LOOK_AVERAGE, REGIONS, TURNS, Featurizer, cache_dir, cpu_count, make_int8_model
 from .finetune import HEAD_DIM, VAL_FRACTION, VIEWS, FinetuneReport
 from .finetune import finetune as finetune_model
 from .images import DEFAULT_POLICY, ImagePolicy, describe, load_image
@@ -141,6 +141,7 @@ class VisualSearch:
         self._pool: ThreadPoolExecutor | None = None  # geometric verification, on every core
         self._vote: tuple[int, DescriptorVote | None] | None = None  # (generation, the descriptor vote)
         self._vote_lock = threading.Lock()
+        self._look_search_ms: float | None = None  # moving average of a second look's search (``search_featurized``)
         self.build_report: Report | None = None
         self._reload()
 
@@ -865,8 +866,9 @@ class VisualSearch:
         ``budget_ms``: the query's time budget (a live camera's frame budget): a second look is
         taken only when the time since ``started`` (a ``time.perf_counter()``; default: this call)
         plus what the look is expected to take fits in it: its model runs at the featurizer's
-        recent pace (``Featurizer.expected_ms``) and one more search as long as the first look's
-        (verification included). None: every look the hits call for.
+        recent pace (``Featurizer.expected_ms``) and its search at the pace of recent second looks'
+        (which verify only candidates no earlier look fitted and reuse the descriptor vote; before
+        any, as long as this query's first search). None: every look the hits call for.
 
         For a service: ``reading`` (a context manager yielding this object) guards each index
         search, ``compute`` each model run, so that neither is held through the other.
@@ -892,7 +894,18 @@ class VisualSearch:
             if budget_ms is None:
                 return True
             spent = 1000.0 * (time.perf_counter() - started)
-            return spent + self.featurizer.expected_ms(inputs) + search_ms <= budget_ms
+            searching = search_ms if self._look_search_ms is None else self._look_search_ms
+            return spent + self.featurizer.expected_ms(inputs) + searching <= budget_ms
+
+        def look(vectors: np.ndarray) -> list[Hit]:
+            """A second look's search, its time folded into the pace ``fits`` expects."""
+            searched = time.perf_counter()
+            with reading() as vs:
+                hits = vs._search_vectors(vectors[None], k, filter, expand, [local], [looks])[0]
+            ms = 1000.0 * (time.perf_counter() - searched)
+            last = self._look_search_ms
+            self._look_search_ms = ms if last is None else (1 - LOOK_AVERAGE) * last + LOOK_AVERAGE * ms
+            return hits
 
         if self.unsure(hits) and (orient == "auto" or regions == "auto"):
             image = load_image(image, policy=self.policy, draft_size=self.featurizer.draft_size(regions or True))
@@ -901,15 +914,13 @@ class VisualSearch:
                     turned = self.turned(image, vectors)
                 with reading() as vs:
                     best = int(vs.best_turn(turned[None], filter, margin=0.0)[0])
-                    if best:
-                        turn, vectors = TURNS[best], turned[best]
-                        hits = vs._search_vectors(vectors[None], k, filter, expand, [local], [looks])[0]
+                if best:
+                    turn, vectors = TURNS[best], turned[best]
+                    hits = look(vectors)
             if regions == "auto" and self.unsure(hits) and fits(GRID**2):
                 with compute():
                     grid = self.featurizer.featurize_regions([image], [turn], grid=True)[0]
-                with reading() as vs:
-                    both = np.concatenate([vectors.reshape(-1, self.dim), grid])
-                    hits = vs._search_vectors(both[None], k, filter, expand, [local], [looks])[0]
+                hits = look(np.concatenate([vectors.reshape(-1, self.dim), grid]))
         return self.passing(hits, min_score)
 
     def turn_inputs(self, regions: bool) -> int:

@@ -61,7 +61,7 @@ REGIONS = 6
 GRID_SCALE = 0.4  # the second look: a GRID x GRID grid of squares of this share of the short side
 GRID = 3
 
-LOOK_AVERAGE = 0.2  # weight of the newest lone call in ``expected_ms``'s moving average
+LOOK_AVERAGE = 0.2  # weight of the newest time in the moving averages a query's time budget is weighed by
 CPU_CHUNK = 4  # inputs per model call on CPU: small batches stay in the core's cache (measured 1-8 best)
 
 
