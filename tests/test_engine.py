@@ -586,6 +586,13 @@ def test_a_time_budget_takes_only_the_second_looks_that_fit(grocery_verified):
             vs.search(photo, regions="auto", budget_ms=bad)
     with pytest.raises(QueryError, match="budget_ms"):
         vs.evaluate(DATA / "grocery" / "queries.csv", regions="auto", budget_ms=-1)
+    # a budget with no "auto" look to limit is a mistake, told at once, in search and evaluate alike
+    for options in ({}, {"regions": True}, {"orient": True, "regions": True}):
+        with pytest.raises(QueryError, match="budget_ms limits the second looks of orient or regions 'auto'"):
+            vs.search(photo, budget_ms=100, **options)
+    with pytest.raises(QueryError, match="budget_ms limits the second looks"):
+        vs.evaluate(DATA / "grocery" / "queries.csv", budget_ms=100)
+    assert ids(vs.search(photo, k=5, orient="auto", budget_ms=60_000))  # one "auto" is enough
 
 
 def test_local_features_follow_their_items_through_add_remove_and_a_crashed_change(tmp_path):

@@ -185,6 +185,9 @@ def test_a_sideways_photo_with_orient_answers_as_the_python_api_does(client, sam
         assert_error(r, 422, "budget_ms must be a")
     r = client.post("/search", json={"image_base64": base64.b64encode(JEANS.read_bytes()).decode(), "budget_ms": "soon"})
     assert_error(r, 422, "budget_ms must be a finite number")
+    r = client.post("/search", files=[("file", ("q.jpg", JEANS.read_bytes(), "image/jpeg"))],
+                    data={"regions": "true", "budget_ms": "100"})  # nothing "auto" for it to limit
+    assert_error(r, 422, "budget_ms limits the second looks of orient or regions 'auto'")
     unverified = upload(client, JEANS, k=5, verify="false")  # an index without local features: the same hits
     assert [h["id"] for h in unverified.json()["results"][0]["hits"]] == [h["id"] for h in upload(client, JEANS, k=5).json()["results"][0]["hits"]]
     assert "verified" not in unverified.json()["results"][0]["hits"][0]

@@ -33,7 +33,7 @@ from .catalog import check_unique, read_catalog
 from .checkpoint import SHARD_ITEMS, BuildCheckpoint, fingerprint
 from .errors import BackendError, CatalogError, ClusterError, ImageError, IndexError_, ModelError, QueryError, StoreError
 from .evaluate import combine, per_query
-from .featurizer import GRID, LOOK_AVERAGE, REGIONS, TURNS, Featurizer, cache_dir, cpu_count, make_int8_model
+from .featurizer import GRID, REGIONS, TURNS, Featurizer, cache_dir, cpu_count, make_int8_model, moving_average
 from .finetune import HEAD_DIM, VAL_FRACTION, VIEWS, FinetuneReport
 from .finetune import finetune as finetune_model
 from .images import DEFAULT_POLICY, ImagePolicy, describe, load_image
@@ -557,7 +557,7 @@ class VisualSearch:
         _check_expand(expand)
         _check_orient(orient)
         _check_regions(regions)
-        _check_budget(budget_ms)
+        self.check_budget(budget_ms, orient, regions)
         if min_score is not None and not (isinstance(min_score, (int, float)) and math.isfinite(min_score)):
             raise QueryError(f"min_score must be a finite number, got {min_score!r}")
         sources, single = self._as_list(queries)
@@ -838,6 +838,21 @@ class VisualSearch:
         none, or the best neither verified nor scoring UNSURE."""
         return not hits or (not hits[0].verified and hits[0].score < UNSURE)
 
+    @staticmethod
+    def check_budget(budget_ms: Any, orient: Any, regions: Any) -> None:
+        """Raise QueryError unless ``budget_ms`` is None, or a number of milliseconds above 0 given
+        with ``orient`` or ``regions`` "auto" (the second looks it limits): a budget that would
+        limit nothing is a mistake to be told of, not to be ignored."""
+        if budget_ms is None:
+            return
+        if isinstance(budget_ms, bool) or not isinstance(budget_ms, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(budget_ms) or budget_ms <= 0:
+            raise QueryError(f"budget_ms must be a number of milliseconds above 0 (or none), got {budget_ms!r}",
+                             subject=budget_ms)
+        if "auto" not in (orient, regions):
+            raise QueryError("budget_ms limits the second looks of orient or regions 'auto'; give one of them "
+                             "'auto', or no budget_ms", subject=budget_ms)
+
     def search_featurized(
         self,
         image: Any,
@@ -877,7 +892,7 @@ class VisualSearch:
         _check_expand(expand)
         _check_orient(orient)
         _check_regions(regions)
-        _check_budget(budget_ms)
+        self.check_budget(budget_ms, orient, regions)
         started = time.perf_counter() if started is None else started
         vectors = _query_vectors(vectors[None], self.dim)[0]
         reading = reading or (lambda: contextlib.nullcontext(self))
@@ -902,9 +917,7 @@ class VisualSearch:
             searched = time.perf_counter()
             with reading() as vs:
                 hits = vs._search_vectors(vectors[None], k, filter, expand, [local], [looks])[0]
-            ms = 1000.0 * (time.perf_counter() - searched)
-            last = self._look_search_ms
-            self._look_search_ms = ms if last is None else (1 - LOOK_AVERAGE) * last + LOOK_AVERAGE * ms
+            self._look_search_ms = moving_average(self._look_search_ms, 1000.0 * (time.perf_counter() - searched))
             return hits
 
         if self.unsure(hits) and (orient == "auto" or regions == "auto"):
@@ -1132,7 +1145,7 @@ class VisualSearch:
         _check_expand(expand)
         _check_orient(orient)
         _check_regions(regions)
-        _check_budget(budget_ms)
+        self.check_budget(budget_ms, orient, regions)
         ks = sorted({int(k) for k in ks})
         if not ks or ks[0] < 1:
             raise QueryError(f"k values must be >= 1, got {list(ks)}")
@@ -1549,13 +1562,6 @@ def _check_regions(regions: Any) -> None:
         raise QueryError(f"regions must be true, false or 'auto', got {regions!r}", subject=regions)
 
 
-def _check_budget(budget_ms: Any) -> None:
-    if budget_ms is None:
-        return
-    if isinstance(budget_ms, bool) or not isinstance(budget_ms, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(budget_ms) or budget_ms <= 0:
-        raise QueryError(f"budget_ms must be a number of milliseconds above 0 (or none), got {budget_ms!r}",
-                         subject=budget_ms)
 
 
 def _check_k(k: Any) -> None:

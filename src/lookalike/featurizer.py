@@ -62,6 +62,11 @@ GRID_SCALE = 0.4  # the second look: a GRID x GRID grid of squares of this share
 GRID = 3
 
 LOOK_AVERAGE = 0.2  # weight of the newest time in the moving averages a query's time budget is weighed by
+
+
+def moving_average(average: float | None, new: float) -> float:
+    """``average`` with ``new`` folded in at weight LOOK_AVERAGE (``new`` itself when there is none yet)."""
+    return new if not average else (1 - LOOK_AVERAGE) * average + LOOK_AVERAGE * new
 CPU_CHUNK = 4  # inputs per model call on CPU: small batches stay in the core's cache (measured 1-8 best)
 
 
@@ -238,8 +243,7 @@ class Featurizer:
         if inputs not in self._timed_sizes:
             self._timed_sizes.add(inputs)
             return
-        per_input = 1000.0 * seconds / inputs
-        self._input_ms = per_input if not self._input_ms else (1 - LOOK_AVERAGE) * self._input_ms + LOOK_AVERAGE * per_input
+        self._input_ms = moving_average(self._input_ms, 1000.0 * seconds / inputs)
 
     def expected_ms(self, inputs: int) -> float:
         """How long ``inputs`` model inputs take in one lone call (a query's), in ms, from the

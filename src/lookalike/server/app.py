@@ -554,15 +554,6 @@ def _float_param(value: Any, name: str) -> float:
     return number
 
 
-def _budget_param(value: Any) -> float | None:
-    if value is None or value == "":
-        return None
-    number = _float_param(value, "budget_ms")
-    if number <= 0:
-        raise QueryError(f"budget_ms must be a number of milliseconds above 0, got {str(value)[:40]!r}")
-    return number
-
-
 def _filter_param(value: Any) -> dict[str, Any] | None:
     if value is None or value == "":
         return None
@@ -950,7 +941,8 @@ def create_app(settings: ServerSettings):
         orient_ = _auto_param(params.get("orient", False), "orient")
         verify_ = _bool_param(params["verify"], "verify") if params.get("verify") is not None else None
         regions_ = _auto_param(params.get("regions", False), "regions")
-        budget_ = _budget_param(params.get("budget_ms"))
+        budget_ = _float_param(params["budget_ms"], "budget_ms") if params.get("budget_ms") not in (None, "") else None
+        VisualSearch.check_budget(budget_, orient_, regions_)  # before any photo is featurized
         async with gate.enter():
             results, generation = await run_in_threadpool(
                 run_search, queries, k_, filter_, min_score_, expand_, orient_, verify_, regions_, budget_)
