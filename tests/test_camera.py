@@ -64,7 +64,7 @@ def test_headless_video_file_finds_each_item_in_turn(sample_index, video):
     # 15 fps: a frame every 66.7 ms of video, so with --every-ms 50 every frame is queried
     assert [q["frame"] for q in queries] == list(range(2 * FRAMES_EACH))
     for q in queries:
-        assert set(q) == {"t", "frame", "ms", "hits"}
+        assert set(q) == {"t", "frame", "ms", "hits", "skipped_looks"}  # skipped_looks: with the default budget
         assert len(q["hits"]) == 5 and [h["rank"] for h in q["hits"]] == [1, 2, 3, 4, 5]
         assert set(q["hits"][0]) >= {"rank", "id", "score", "distance", "metadata"}
         assert q["ms"] > 0
@@ -79,6 +79,7 @@ def test_headless_video_file_finds_each_item_in_turn(sample_index, video):
           f"(mean query {sum(q['ms'] for q in queries) / len(queries):.1f} ms)")
     assert "queries/s" in run.stderr.splitlines()[-1]
     assert "second looks within 150 ms" in run.stderr  # the default frame budget
+    assert all(set(q["skipped_looks"]) <= {"turn", "grid"} for q in queries)  # what it left out of each frame
 
 
 def test_every_ms_is_video_time_and_max_queries_stops(sample_index, video):
@@ -89,6 +90,7 @@ def test_every_ms_is_video_time_and_max_queries_stops(sample_index, video):
     # 200 ms of video is exactly 3 frames at 15 fps: frames 0, 3, 6, ... however fast the machine
     assert [q["frame"] for q in queries] == [0, 3, 6, 9, 12]
     assert all(len(q["hits"]) == 2 and q["hits"][0]["id"] == ITEM_A for q in queries)
+    assert all("skipped_looks" not in q for q in queries)  # nothing "auto": no second looks for a budget to limit
     assert summary["queries"] == 5
     wrong = camera(sample_index, "--source", str(video), "--headless", "--orient", "sideways")
     assert wrong.returncode == 2 and "--orient" in wrong.stderr

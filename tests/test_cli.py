@@ -199,6 +199,7 @@ def test_build_options_say_how_features_are_made(tmp_path):
     tight = json.loads(run("search", tmp_path / "plain", jeans, "-k", "3", "--camera", "--budget-ms", "1", "--json").stdout)
     expected = VisualSearch.open(tmp_path / "plain").search(jeans, k=3, regions=True)  # no time for second looks
     assert [h["id"] for h in tight[0]["hits"]] == [h.id for h in expected.hits]
+    assert isinstance(tight[0]["skipped_looks"], list) and "skipped_looks" not in camera[0]  # only with a budget
     alone = run("search", tmp_path / "plain", jeans, "--budget-ms", "100", check=False)
     assert alone.returncode == 2 and "--budget-ms limits the second looks of --camera" in alone.stderr
 

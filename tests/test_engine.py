@@ -571,10 +571,14 @@ def test_a_time_budget_takes_only_the_second_looks_that_fit(grocery_verified):
     only_first = vs.search(photo, k=5, regions=True)
     every_look = vs.search(photo, k=5, regions="auto", orient="auto")
     assert ids(every_look) != ids(only_first)  # its second looks changed its hits
-    # 1 ms: the first look has used it up, so no second look is taken
-    assert ids(vs.search(photo, k=5, regions="auto", orient="auto", budget_ms=1)) == ids(only_first)
+    # 1 ms: the first look has used it up, so no second look is taken, and the result says which were left out
+    tight = vs.search(photo, k=5, regions="auto", orient="auto", budget_ms=1)
+    assert ids(tight) == ids(only_first) and tight.skipped == ("turn", "grid")
+    assert tight.to_dict()["skipped_looks"] == ["turn", "grid"]
     # a minute: every look fits, as with no budget
-    assert ids(vs.search(photo, k=5, regions="auto", orient="auto", budget_ms=60_000)) == ids(every_look)
+    roomy = vs.search(photo, k=5, regions="auto", orient="auto", budget_ms=60_000)
+    assert ids(roomy) == ids(every_look) and roomy.skipped == ()
+    assert every_look.skipped is None and "skipped_looks" not in every_look.to_dict()  # no budget given
     # the estimate a look is weighed by: the model's recent pace in lone calls, per input
     per_input = vs.featurizer.expected_ms(1)
     assert 0 < per_input < 5_000 and vs.featurizer.expected_ms(9) == pytest.approx(9 * per_input)

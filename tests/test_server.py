@@ -168,7 +168,7 @@ def test_a_sideways_photo_with_orient_answers_as_the_python_api_does(client, sam
     first_look = vs.search(stranger, k=5, regions=True)
     every_look = vs.search(stranger, k=5, orient="auto", regions="auto")
     assert vs.unsure(first_look.hits) and [h.id for h in every_look.hits] != [h.id for h in first_look.hits]
-    for budget, expected in ((1, first_look), (60_000, every_look)):
+    for budget, expected, skipped in ((1, first_look, ["turn", "grid"]), (60_000, every_look, [])):
         by_query = upload(client, stranger, k=5, orient="auto", regions="auto", budget_ms=str(budget))
         by_json = client.post("/search", json={"image_base64": base64.b64encode(stranger.read_bytes()).decode(), "k": 5,
                                                "orient": "auto", "regions": "auto", "budget_ms": budget})
@@ -176,6 +176,9 @@ def test_a_sideways_photo_with_orient_answers_as_the_python_api_does(client, sam
             assert r.status_code == 200, r.text
             assert [(h["id"], round(h["score"], 4)) for h in r.json()["results"][0]["hits"]] == \
                 [(h.id, round(h.score, 4)) for h in expected.hits]
+            assert r.json()["results"][0]["skipped_looks"] == skipped  # the looks the budget left out
+    no_budget = upload(client, stranger, k=5, orient="auto", regions="auto")
+    assert "skipped_looks" not in no_budget.json()["results"][0]
     for bad in ({"orient": "sometimes"}, {"orient": 2}, {"regions": "sometimes"}):
         r = client.post("/search", json={"image_base64": base64.b64encode(JEANS.read_bytes()).decode(), **bad})
         assert_error(r, 422, f"{next(iter(bad))} must be true")

@@ -317,7 +317,8 @@ def run_camera(
     """Search ``vs`` with frames of ``source`` until it ends; the exit code (0).
 
     Headless: one JSON line per query on ``out``
-    (``{"t": s since start, "frame": index, "ms": query latency, "hits": [...]}``), then
+    (``{"t": s since start, "frame": index, "ms": query latency, "hits": [...]}``, and with a budget
+    ``"skipped_looks"``: the second looks it left out), then
     ``{"queries": N, "seconds": S, "queries_per_s": Q}``. A one-line summary goes to ``err``
     (default stderr) in both modes. Raises LookalikeError when OpenCV, the window or the
     source cannot be used. ``orient`` (``VisualSearch.search``'s; default "auto": a frame whose
@@ -325,8 +326,9 @@ def run_camera(
     pointing down). ``regions`` (default "auto"): also search with regions of the frame, for an
     item that fills only part of it, and a finer grid of them when the hits are still unsure.
     ``budget_ms``: a frame's time budget, within which those second looks must be expected to
-    fit to be taken (``VisualSearch.search``'s; None: no limit).
+    fit to be taken (``VisualSearch.search``'s; None: no limit; left unused with neither mode "auto").
     """
+    budget_ms = budget_ms if "auto" in (orient, regions) else None
     out = out or sys.stdout
     err = err or sys.stderr
     if every_ms < 1:
@@ -339,14 +341,14 @@ def run_camera(
     live = is_live(source)
     feed: FileFeed | LiveFeed | None = None
     every = every_ms / 1000.0
-    queries, latency_total = 0, 0.0
+    queries, latency_total, cut_short = 0, 0.0, 0  # cut_short: frames the budget left second looks out of
     start = time.perf_counter()
     try:
         vs.warm_up()  # the model loaded and run at every batch size, the vote made, before the clock starts
         width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
         feed = LiveFeed(cap) if live else FileFeed(cap, cv2, realtime=not headless)
         kind = "live" if live else f"video file, {feed.fps:g} fps, paced by video time"
-        budget = f", second looks within {budget_ms:g} ms" if budget_ms and "auto" in (orient, regions) else ""
+        budget = f", second looks within {budget_ms:g} ms" if budget_ms else ""
         print(f"camera: searching {name} ({width}x{height}, {kind}), at most one query per {every_ms} ms{budget}"
               + ("" if headless else "; q or Esc quits"), file=err, flush=True)
         thumbs = None if headless else Thumbnails(cv2)
@@ -377,11 +379,14 @@ def run_camera(
                 ms = (time.perf_counter() - t_query) * 1000.0
                 queries += 1
                 latency_total += ms
+                cut_short += bool(result.skipped)
                 hits = result.hits
                 last_query_wall, last_query_pos = t_query, pos
                 if headless:
                     line = {"t": round(t_query - start, 4), "frame": index, "ms": round(ms, 2),
                             "hits": [h.to_dict() for h in hits]}
+                    if result.skipped is not None:
+                        line["skipped_looks"] = list(result.skipped)
                     out.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
                     out.flush()
             if not headless:
@@ -419,4 +424,7 @@ def run_camera(
         out.flush()
     print(f"camera: {queries} queries in {seconds:.2f} s: {rate:.1f} queries/s "
           f"(mean query {mean:.1f} ms) from {name}", file=err, flush=True)
+    if cut_short:
+        print(f"camera: {cut_short} of {queries} frames called for second looks the {budget_ms:g} ms budget left out "
+              "(a larger --budget-ms takes them, at a lower frame rate)", file=err, flush=True)
     return 0

@@ -113,6 +113,8 @@ def cmd_search(args) -> int:
             rest = _fmt_meta(h.metadata, skip=("title",))
             if rest:
                 print(f"      {rest}")
+        if result.skipped:
+            print(f"  (second looks left out for the {args.budget_ms} ms budget: {', '.join(result.skipped)})")
     return 0
 
 
@@ -330,7 +332,7 @@ def cmd_camera(args) -> int:
     return run_camera(
         vs, source=source, every_ms=args.every_ms, k=args.k, headless=args.headless,
         max_queries=args.max_queries, out=sys.stdout, orient=MODES[args.orient], regions=MODES[args.regions],
-        budget_ms=args.budget_ms if args.budget_ms and "auto" in (MODES[args.orient], MODES[args.regions]) else None,
+        budget_ms=args.budget_ms or None,
     )
 
 

@@ -575,16 +575,19 @@ class VisualSearch:
         else:
             vectors = self._vectors(sources, turns=turns if regions else None)
         local = None if pending is None else [None if f is None else f.result() for f in pending]
+        skipped: list[list[str]] = [[] for _ in sources]  # second looks the budget left out, per query
         if orient == "auto" or regions == "auto":  # one query at a time: each may take second looks
             share = (time.perf_counter() - start) / len(sources)  # of the first look, made for all at once
             found = [self._search_vectors(vectors[q][None], k, filter, expand)[0] if _is_vector(source) else
                      self.search_featurized(source, vectors[q], k=k, filter=filter, expand=expand,
                                             local=None if local is None else local[q], orient=orient, regions=regions,
-                                            turn=turns[q], budget_ms=budget_ms, started=time.perf_counter() - share)
+                                            turn=turns[q], budget_ms=budget_ms, started=time.perf_counter() - share,
+                                            skipped=skipped[q])
                      for q, source in enumerate(sources)]
         else:
             found = self._search_vectors(vectors, k, filter, expand, local)
-        results = [SearchResult(q, self.passing(hits, min_score)) for q, hits in zip(names, found)]
+        results = [SearchResult(q, self.passing(hits, min_score), None if budget_ms is None else tuple(left))
+                   for q, hits, left in zip(names, found, skipped)]
         return results[0] if single else results
 
     def search_vectors(
@@ -869,6 +872,7 @@ class VisualSearch:
         compute: Callable[[], Any] | None = None,
         budget_ms: float | None = None,
         started: float | None = None,
+        skipped: list[str] | None = None,
     ) -> list[Hit]:
         """search() of one query image for callers that featurize it themselves, second looks
         included: its hits with its ``vectors`` ([dim], or [REGIONS, dim] from
@@ -884,6 +888,8 @@ class VisualSearch:
         recent pace (``Featurizer.expected_ms``) and its search at the pace of recent second looks'
         (which verify only candidates no earlier look fitted and reuse the descriptor vote; before
         any, as long as this query's first search). None: every look the hits call for.
+        ``skipped``: a list the looks the hits called for but the budget left out are appended to
+        ("turn", "grid").
 
         For a service: ``reading`` (a context manager yielding this object) guards each index
         search, ``compute`` each model run, so that neither is held through the other.
@@ -899,6 +905,7 @@ class VisualSearch:
         compute = compute or contextlib.nullcontext
         local = local if self.has_local_features else None
         looks = _Looks()  # what verification found, for every look of this query
+        left_out = skipped if skipped is not None else []
         searched = time.perf_counter()
         with reading() as vs:
             hits = vs._search_vectors(vectors[None], k, filter, expand, [local], [looks])[0]
@@ -922,7 +929,9 @@ class VisualSearch:
 
         if self.unsure(hits) and (orient == "auto" or regions == "auto"):
             image = load_image(image, policy=self.policy, draft_size=self.featurizer.draft_size(regions or True))
-            if orient == "auto" and fits(self.turn_inputs(regions=vectors.ndim == 2)):
+            if orient == "auto" and not fits(self.turn_inputs(regions=vectors.ndim == 2)):
+                left_out.append("turn")
+            elif orient == "auto":
                 with compute():
                     turned = self.turned(image, vectors)
                 with reading() as vs:
@@ -930,7 +939,9 @@ class VisualSearch:
                 if best:
                     turn, vectors = TURNS[best], turned[best]
                     hits = look(vectors)
-            if regions == "auto" and self.unsure(hits) and fits(GRID**2):
+            if regions == "auto" and self.unsure(hits) and not fits(GRID**2):
+                left_out.append("grid")
+            elif regions == "auto" and self.unsure(hits):
                 with compute():
                     grid = self.featurizer.featurize_regions([image], [turn], grid=True)[0]
                 hits = look(np.concatenate([vectors.reshape(-1, self.dim), grid]))

@@ -63,9 +63,15 @@ class SearchResult:
 
     query: str
     hits: list[Hit]
+    # With a time budget (``search(budget_ms=...)``): the second looks ("turn", "grid") the hits
+    # called for that the budget left out; None: no budget was given.
+    skipped: tuple[str, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"query": self.query, "hits": [h.to_dict() for h in self.hits]}
+        out = {"query": self.query, "hits": [h.to_dict() for h in self.hits]}
+        if self.skipped is not None:
+            out["skipped_looks"] = list(self.skipped)
+        return out
 
 
 @dataclass(frozen=True)

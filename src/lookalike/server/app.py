@@ -193,6 +193,8 @@ class HitOut(_Strict):
 class QueryResultOut(_Strict):
     query: str = Field(description="the uploaded file's name, the URL, '<body>', 'image_base64' or '<vector>'")
     hits: list[HitOut]
+    skipped_looks: list[Literal["turn", "grid"]] | None = Field(
+        None, description="only with budget_ms: the second looks the hits called for that the budget left out")
 
 
 class SearchOut(_Strict):
@@ -810,6 +812,7 @@ def create_app(settings: ServerSettings):
         inputs: list[Any] = []
         local: list[LocalFeatures | None] = []
         settled: dict[int, list[Hit]] = {}  # orient or regions "auto": queries searched one by one, as search() does
+        skipped: dict[int, list[str]] = {}  # with budget_ms: the second looks it left out, per query
         generation = None
         for q in queries:
             if q.vector is not None:
@@ -835,9 +838,11 @@ def create_app(settings: ServerSettings):
                     inputs.append(featurizer.featurize([image], strict=True).vectors[0])
                 local.append(extract_query(image) if verifying else None)
             if orient == "auto" or regions == "auto":  # with second looks where its hits are unsure
+                skipped[len(inputs) - 1] = []
                 settled[len(inputs) - 1] = shared.vs.search_featurized(
                     image, inputs[-1], k=k, filter=filter, expand=expand, local=local[-1], orient=orient, regions=regions,
-                    reading=shared.reading, compute=lambda: shared.compute, budget_ms=budget_ms, started=started)
+                    reading=shared.reading, compute=lambda: shared.compute, budget_ms=budget_ms, started=started,
+                    skipped=skipped[len(inputs) - 1])
                 generation = shared.vs.generation
             del image
         todo = [i for i in range(len(inputs)) if i not in settled]
@@ -847,8 +852,13 @@ def create_app(settings: ServerSettings):
                                          local=[local[i] for i in todo] if verifying else None)
                 generation = vs.generation
             settled.update(zip(todo, hits))
-        found = [VisualSearch.passing(settled[i], min_score) for i in range(len(inputs))]
-        return [{"query": q.name, "hits": [_hit_dict(h) for h in hits]} for q, hits in zip(queries, found)], generation
+        results = []
+        for i, q in enumerate(queries):
+            result: dict[str, Any] = {"query": q.name, "hits": [_hit_dict(h) for h in VisualSearch.passing(settled[i], min_score)]}
+            if budget_ms is not None:
+                result["skipped_looks"] = skipped.get(i, [])
+            results.append(result)
+        return results, generation
 
     # Image URLs are part of the schema only when the service fetches them (--allow-urls).
     url_field = {"image_url": {"type": "string", "format": "uri", "description": "an image URL"}} if settings.allow_urls else {}
