@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 
 import pytest
 
 from conftest import ROOT, SAMPLE, write_csv
-from lookalike import IndexBusyError, VisualSearch
+from lookalike import IndexBusyError, StoreError, VisualSearch
 from lookalike.store import IndexDir
 
 QUERY = SAMPLE / "queries" / "watches-45260.jpg"
@@ -36,6 +37,33 @@ def test_a_second_writer_gets_a_clear_busy_error(sample_copy):
                 pass
     with other.lock(timeout=0.2):
         pass
+
+
+def test_a_directory_it_cannot_write_to_refuses_changes_with_a_clear_error(sample_copy):
+    """Where the lock file cannot be made (a read-only mount; here a folder in its place), a
+    change is refused with a StoreError and the index stays searchable."""
+    (sample_copy / ".lock").unlink(missing_ok=True)
+    (sample_copy / ".lock").mkdir()
+    vs = VisualSearch.open(sample_copy)
+    with pytest.raises(StoreError, match="cannot change the index here"):
+        vs.remove(["watches-45260"])
+    assert len(vs) == 300 and vs.search(QUERY, k=1).hits
+
+
+def test_a_reader_follows_an_index_rebuilt_in_its_place_with_another_model(sample_copy, tmp_path):
+    """build --force over an index a service is reading: generations start again at 1, and the
+    features are made another way; the reader notices, and makes its queries the new way."""
+    rows = list(csv.DictReader(open(SAMPLE / "catalog.csv")))[:20]
+    small = write_csv(tmp_path / "small.csv", ["id", "image"], [[r["id"], str(SAMPLE / r["image"])] for r in rows])
+    VisualSearch.build(small, tmp_path / "idx", progress=False)
+    reader = VisualSearch.open(tmp_path / "idx")
+    assert reader.search(SAMPLE / rows[0]["image"], k=1).hits[0].score > 0.999  # its model loaded
+    VisualSearch.build(small, tmp_path / "idx", progress=False, tta="none", force=True)
+    assert reader.generation == 1 and reader.stale()  # the same generation, another build
+    assert reader.refresh() and reader.spec.tta == "none" and reader.featurizer.spec.tta == "none"
+    hit = reader.search(SAMPLE / rows[0]["image"], k=1).hits[0]
+    assert hit.id == rows[0]["id"] and hit.score > 0.999  # the query made as the new vectors were
+    assert not reader.refresh()
 
 
 def test_a_reader_keeps_its_generation_while_a_writer_changes_the_index(sample_copy, tmp_path):

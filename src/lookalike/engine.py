@@ -387,8 +387,13 @@ class VisualSearch:
         return {"path": str(path), "ok": not problems, "problems": problems, "repaired": repaired}
 
     def _reload(self) -> None:
-        """(Re)read the current generation from disk."""
+        """(Re)read the current generation from disk. An index rebuilt in its place (``build
+        --force``, perhaps with another model) also drops what came from the old one: the model,
+        the descriptor vote and the second looks' pace."""
         manifest, vectors, ids, faiss_path = self._store.load()
+        old = getattr(self, "manifest", None)
+        if old is not None and old.get("build_id") != manifest.get("build_id"):
+            self._featurizer, self._vote, self._look_search_ms = None, None, None
         self.manifest = manifest
         self.spec: ModelSpec = spec_from_manifest(manifest["model"])
         self.metric: str = manifest["metric"]
@@ -408,8 +413,10 @@ class VisualSearch:
         self._items = ItemTable(self._store, int(manifest["generation"]))
 
     def stale(self) -> bool:
-        """Whether another process committed a newer generation than the one this object reads."""
-        return self._store.manifest()["generation"] != self.manifest["generation"]
+        """Whether another process committed a newer generation than the one this object reads,
+        or rebuilt the index in its place."""
+        current = self._store.manifest()
+        return (current["generation"], current.get("build_id")) != (self.generation, self.manifest.get("build_id"))
 
     def refresh(self) -> bool:
         """Pick up changes another process committed since this one opened; True if there were."""
@@ -738,7 +745,7 @@ class VisualSearch:
         use and brought up to date after the index changes; None for an index without local
         features, a backend that keeps no int ids here, or one too big for VOTE_MAX_DESCRIPTORS."""
         with self._vote_lock:
-            if self._vote is None or self._vote[0] != self.generation:
+            if self._vote is None or self._vote[0] != self.generation:  # (a rebuild drops it: _reload)
                 ids = getattr(self._index, "ids", None)
                 vote = self._vote[1] if self._vote is not None else None
                 current = frozenset(int(i) for i in ids) if self.has_local_features and ids is not None else None

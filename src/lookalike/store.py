@@ -32,6 +32,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -204,7 +205,10 @@ class IndexDir:
         for key in ("model", "metric", "index", "count", "generation", "files"):
             if key not in manifest:
                 raise StoreError(f"{mpath}: manifest has no {key!r}; rebuild with `lookalike build`", subject=str(p))
-        if "checksum" in manifest and manifest["checksum"] != _checksum(manifest):
+        if "checksum" not in manifest:
+            raise StoreError(f"{mpath}: manifest has no checksum, so it was edited or not written by lookalike; "
+                             "restore it or rebuild with `lookalike build`", subject=str(p))
+        if manifest["checksum"] != _checksum(manifest):
             raise StoreError(
                 f"{mpath}: manifest was edited or damaged (its checksum does not match its contents); "
                 "restore it or rebuild with `lookalike build`",
@@ -314,7 +318,11 @@ class IndexDir:
     @contextlib.contextmanager
     def lock(self, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
         """Hold the index's write lock; IndexBusyError if another process keeps it too long."""
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a read-only or foreign directory: the index can be searched, not changed
+            raise StoreError(f"{self.path}: cannot change the index here ({exc.strerror or exc}); "
+                             "copy it somewhere writable to change it", subject=str(self.path)) from exc
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -374,7 +382,10 @@ class IndexDir:
             conn.close()
             for name, source in (model_files or {}).items():
                 _write_atomic(staging / name, lambda f, source=source: _copy(source, f))
-            manifest = dict(manifest, format_version=FORMAT_VERSION, generation=0, count=0, files={})
+            # build_id: which build this is, so that a process reading the index it replaces notices
+            # (generations start again at 1 in a rebuilt index)
+            manifest = dict(manifest, format_version=FORMAT_VERSION, generation=0, count=0, files={},
+                            build_id=uuid.uuid4().hex)
             manifest.setdefault("created_at", now())
             new._commit(manifest, vectors, ids, write_faiss, added=items, removed=[], local=local)
             _fsync_dir(staging)
