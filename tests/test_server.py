@@ -407,6 +407,36 @@ def test_service_follows_changes_made_by_another_process(writable_server):
         assert gone not in [h["id"] for h in hits]
 
 
+def test_service_follows_an_index_rebuilt_in_its_place_and_says_when_it_is_gone(writable_server, tmp_path):
+    """build --force over the served index with another way of making features: the service
+    makes what it adds the new way (it had kept the old model and stored vectors that did not
+    match); /readyz reads the index on disk, so a damaged manifest is 503 there too."""
+    import time
+
+    from lookalike import VisualSearch
+
+    rebuilt = subprocess.run([sys.executable, "-m", "lookalike.cli", "build", str(SAMPLE / "catalog.csv"), "-o",
+                              str(writable_server.index_dir), "--force", "--tta", "none", "-q"], capture_output=True, text=True)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    with httpx.Client(base_url=writable_server.url, timeout=60, headers=AUTH) as c:
+        assert c.get("/readyz").json()["generation"] == 1  # as before the rebuild: only the build_id tells them apart
+        picture = SAMPLE / CATALOG[0]["image"]
+        r = c.post("/items", files={"file": ("p.jpg", picture.read_bytes(), "image/jpeg")}, data={"id": "same-picture"})
+        assert r.status_code in (200, 201), r.text
+        with VisualSearch.open(writable_server.index_dir) as vs:
+            assert vs.spec.tta == "none"
+            scores = {h.id: h.score for h in vs.search(picture, k=2).hits}
+        assert set(scores) == {CATALOG[0]["id"], "same-picture"}
+        assert abs(scores["same-picture"] - scores[CATALOG[0]["id"]]) < 1e-4  # featurized as the build did
+        manifest = writable_server.index_dir / "lookalike.json"
+        good = manifest.read_bytes()
+        manifest.write_bytes(good[:-20])
+        time.sleep(0.1)
+        assert_error(c.get("/readyz"), 503, "lookalike.json")
+        manifest.write_bytes(good)
+        assert c.get("/readyz").status_code == 200
+
+
 def test_searches_while_items_are_added_and_removed_never_fail(writable_server):
     errors: list[str] = []
     done = threading.Event()

@@ -262,6 +262,24 @@ def test_protect_reads_without_a_key_is_refused_at_start(sample_index):
     assert p.returncode == 2 and "--protect-reads needs an API key" in p.stderr
 
 
+def test_an_address_it_cannot_listen_on_is_refused_before_serving(sample_index):
+    """A port in use, an unknown host or a port out of range: exit 2 with one line, and no
+    "serving ..." line first."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, message in ((["--port", str(port)], f"127.0.0.1:{port}: cannot listen there"),
+                              (["--host", "999.1.1.1"], "999.1.1.1:8000: cannot listen there"),
+                              (["--port", "99999"], "must be a port from 1 to 65535")):
+            p = subprocess.run([sys.executable, "-m", "lookalike.cli", "serve", str(sample_index), *args],
+                               capture_output=True, text=True, timeout=60)
+            assert p.returncode == 2 and message in p.stderr, p.stderr
+            assert "serving" not in p.stdout and "Traceback" not in p.stderr
+
+
 # --- 5. path safety ------------------------------------------------------------------------------------
 
 

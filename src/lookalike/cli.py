@@ -365,6 +365,13 @@ def _whole_number(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
+def _port(text: str) -> int:
+    value = _whole_number(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535, got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = _whole_number(text)
     if value < 1:
@@ -556,7 +563,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common], help="HTTP API, SageMaker-style /invocations and the web page")
     p.add_argument("index_dir")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
     p.add_argument("--workers", type=_positive_int, default=1, help="worker processes (default 1)")
     p.add_argument("-k", type=_positive_int, default=5, help="hits per query when a request gives no k (default 5)")
     p.add_argument("--max-upload-mb", type=_positive_int, default=20, help="largest request body, in MiB (default 20)")

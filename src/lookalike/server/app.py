@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -396,17 +397,25 @@ class SharedIndex:
         self.vs.warm_up()  # the model loaded and run, the vote made: the first query as fast as the others
 
     def _maybe_refresh(self) -> None:
-        now = time.monotonic()
-        if now - self._checked < self.settings.refresh_seconds or not self._refresh_lock.acquire(blocking=False):
+        """Follow the index on disk, at most every ``refresh_seconds`` (a search need not wait for it)."""
+        if time.monotonic() - self._checked < self.settings.refresh_seconds or not self._refresh_lock.acquire(blocking=False):
             return
         try:
-            self._checked = now
-            if self.vs.stale():
-                with self.lock.write():
-                    if self.vs.refresh():
-                        log.info("switched to generation %s (%s items)", self.vs.generation, len(self.vs))
+            self._follow()
         finally:
             self._refresh_lock.release()
+
+    def follow_now(self) -> None:
+        """Follow the index on disk now (``/readyz``): StoreError if it is gone or damaged there."""
+        with self._refresh_lock:
+            self._follow()
+
+    def _follow(self) -> None:
+        self._checked = time.monotonic()
+        if self.vs.stale():
+            with self.lock.write():
+                if self.vs.refresh():
+                    log.info("switched to generation %s (%s items)", self.vs.generation, len(self.vs))
 
     @contextmanager
     def reading(self) -> Iterator[VisualSearch]:
@@ -1226,6 +1235,7 @@ def create_app(settings: ServerSettings):
              responses={200: {"model": ReadyOut}, **_errors(503)})
     async def readyz():
         def run():
+            shared.follow_now()  # the index on disk, not only the one in memory: a deleted or damaged one is not ready
             with shared.reading() as vs:
                 return {"ready": True, "items": len(vs), "generation": vs.generation, "model": vs.spec.name,
                         "metric": vs.metric, "dim": vs.dim, "pid": os.getpid()}
@@ -1433,6 +1443,19 @@ def app_from_env():
     return create_app(ServerSettings(**json.loads(os.environ[SETTINGS_ENV])))
 
 
+def _check_address(host: str, port: int) -> None:
+    """LookalikeError unless ``host:port`` can be listened on now (an unknown address, a port in
+    use): told before "serving ..." is printed, not by the web server afterwards."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server will
+            probe.bind(address)
+    except (OSError, OverflowError) as exc:
+        raise LookalikeError(f"{host}:{port}: cannot listen there ({getattr(exc, 'strerror', None) or exc}); "
+                             "choose another --host or --port", subject=f"{host}:{port}") from None
+
+
 def serve(settings: ServerSettings, *, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, quiet: bool = False) -> None:
     """Run the service until interrupted (what `lookalike serve` does)."""
     import uvicorn
@@ -1445,6 +1468,7 @@ def serve(settings: ServerSettings, *, host: str = "127.0.0.1", port: int = 8000
     if settings.cors_origins:
         print(f"lookalike: CORS allows {', '.join(settings.cors_origins)}", flush=True)
     level = "warning" if quiet else "info"
+    _check_address(host, port)
     if workers == 1:
         app = create_app(settings)  # opens the index now: a bad one fails before the port is taken
         items = len(app.state.shared.vs)
