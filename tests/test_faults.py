@@ -90,6 +90,19 @@ def test_damaged_pages_in_items_sqlite_are_found(sample_copy):
     assert any(p["file"] == "items.sqlite" for p in json.loads(doctor.stdout)["problems"])
 
 
+def test_metadata_edited_into_bad_json_is_named_not_a_crash(sample_copy):
+    with sqlite3.connect(sample_copy / "items.sqlite") as conn:
+        conn.execute("UPDATE items SET metadata = '{bad json' WHERE id = (SELECT id FROM items ORDER BY int_id LIMIT 1)")
+        broken = conn.execute("SELECT id FROM items ORDER BY int_id LIMIT 1").fetchone()[0]
+    r = cli("search", sample_copy, QUERY, "-k", "300")
+    assert r.returncode == 2 and f"the metadata of item {broken!r} is not valid JSON" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    doctor = cli("doctor", sample_copy, "--json")
+    assert doctor.returncode == 2
+    assert {"file": "items.sqlite", "problem": f"the metadata of {broken!r} is not valid JSON", "fixable": False} \
+        in json.loads(doctor.stdout)["problems"]
+
+
 def test_edited_manifest_is_detected(sample_copy):
     path = sample_copy / "lookalike.json"
     manifest = json.loads(path.read_text())

@@ -575,6 +575,12 @@ class IndexDir:
                 problems.append({"file": ITEMS_DB, "problem": "; ".join(result[:3]), "fixable": False})
             elif self.count_items(gen) != manifest["count"]:
                 problems.append({"file": ITEMS_DB, "problem": f"holds {self.count_items(gen)} items, the manifest says {manifest['count']}", "fixable": False})
+            else:
+                with contextlib.closing(self.connect()) as conn:
+                    bad = [r[0] for r in conn.execute("SELECT id FROM items WHERE NOT json_valid(metadata) LIMIT 4")]
+                if bad:
+                    shown = ", ".join(repr(i) for i in bad[:3]) + (" and more" if len(bad) > 3 else "")
+                    problems.append({"file": ITEMS_DB, "problem": f"the metadata of {shown} is not valid JSON", "fixable": False})
         except (StoreError, sqlite3.DatabaseError) as exc:
             problems.append({"file": ITEMS_DB, "problem": str(exc).replace(f"{db}: ", ""), "fixable": False})
         if not any(p["file"].startswith(("vectors-", "ids-")) for p in problems):
@@ -623,6 +629,16 @@ class ItemTable:
     def __init__(self, index_dir: IndexDir, gen: int):
         self.conn = index_dir.connect(readonly=True)
         self.gen = gen
+        self.path = index_dir.path / ITEMS_DB
+
+    def _metadata(self, text: str, id_: str) -> dict:
+        """An item's stored metadata; StoreError naming it when the text is not JSON (edited outside lookalike)."""
+        try:
+            return json.loads(text)
+        except (TypeError, json.JSONDecodeError):
+            raise StoreError(f"{self.path}: the metadata of item {id_!r} is not valid JSON (edited outside lookalike?); "
+                             "`lookalike doctor` lists such items; rebuild the index or correct them",
+                             subject=str(self.path)) from None
 
     def close(self) -> None:
         self.conn.close()
@@ -635,7 +651,7 @@ class ItemTable:
             for int_id, id_, label, image, metadata in self.conn.execute(
                 f"SELECT int_id, id, label, image, metadata FROM items WHERE int_id IN ({marks})", chunk
             ):
-                out[int_id] = (id_, label, image, json.loads(metadata))
+                out[int_id] = (id_, label, image, self._metadata(metadata, id_))
         return out
 
     def int_ids(self, ids: Iterable[str]) -> dict[str, int]:
@@ -678,7 +694,7 @@ class ItemTable:
             f"SELECT int_id, id, label, image, metadata FROM items WHERE {_VISIBLE.replace(':gen', '?')} ORDER BY int_id",
             (self.gen, self.gen),
         )
-        return [(i, id_, label, image, json.loads(m)) for i, id_, label, image, m in cur]
+        return [(i, id_, label, image, self._metadata(m, id_)) for i, id_, label, image, m in cur]
 
     def local_features(self, int_ids: Iterable[int]) -> dict[int, tuple[bytes, bytes]]:
         """int_id -> (points, descriptors) blobs, for those of ``int_ids`` that have local features."""
