@@ -128,6 +128,33 @@ def test_add_remove_classify_from_the_command_line(tmp_path, sample_index):
     assert "votes:" in run("classify", out, QUERIES[-1]).stdout
 
 
+def test_unusable_queries_and_an_emptied_index_are_said_plainly(tmp_path):
+    """An add none of whose images can be read fails as a build would (with the first reason);
+    evaluate names each skipped query's reason and counts the queries no item can match; an index
+    with no items left classifies to "no label" and refuses to be evaluated."""
+    images = sorted(COIL.glob("obj1__*.png"))[:2]
+    catalog = write_csv(tmp_path / "two.csv", ["id", "image", "label"],
+                        [["a", str(images[0]), "cup"], ["b", str(images[1]), "cup"]])
+    run("build", catalog, "-o", tmp_path / "idx", "-q")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    only_broken = write_csv(tmp_path / "broken.csv", ["id", "image"], [["x", str(broken)]])
+    proc = run("add", tmp_path / "idx", only_broken, check=False)
+    assert proc.returncode == 2 and "none of its 1 images could be read; the first, 'x': unreadable" in proc.stderr
+    assert json.loads(run("info", tmp_path / "idx", "--json").stdout)["count"] == 2
+    queries = write_csv(tmp_path / "q.csv", ["id", "image", "label"],
+                        [["q1", str(images[0]), "cup"], ["q2", str(broken), "cup"], ["q3", str(images[1]), "plate"]])
+    result = json.loads(run("evaluate", tmp_path / "idx", queries, "--json").stdout)
+    assert result["queries"] == 2 and result["skipped"] == 1 and result["no_relevant_items"] == 1
+    assert [s["id"] for s in result["skipped_items"]] == ["q2"] and "unreadable" in result["skipped_items"][0]["reason"]
+    human = run("evaluate", tmp_path / "idx", queries).stdout
+    assert "skipped q2: unreadable" in human and "1 queries have a label no other item of the index has" in human
+    run("remove", tmp_path / "idx", "a", "b")
+    assert "(no label: the index holds no items)" in run("classify", tmp_path / "idx", images[0]).stdout
+    proc = run("evaluate", tmp_path / "idx", "--leave-one-out", check=False)
+    assert proc.returncode == 2 and "the index holds no items, so there is nothing to evaluate against" in proc.stderr
+
+
 def test_coil_6view_recall_as_printed_by_evaluate(coil_index):
     """Issue gate: default model and metric, recall@1 >= 0.95 and recall@5 >= 0.98."""
     proc = run("evaluate", coil_index, DATA / "coil-6view" / "queries.csv", "--json")

@@ -125,6 +125,10 @@ def cmd_classify(args) -> int:
         _print_json([r | {"query": q} for r, q in zip(results, args.queries)])
         return 0
     for query, r in zip(args.queries, results):
+        if r["label"] is None:
+            why = f"its nearest items have no {args.label}" if r["hits"] else "the index holds no items"
+            print(f"{query}: (no {args.label}: {why})")
+            continue
         votes = ", ".join(f"{lab} {v['count']} ({v['score']:.3f})" for lab, v in r["votes"].items())
         print(f"{query}: {r['label']}    votes: {votes}")
     return 0
@@ -248,9 +252,19 @@ def cmd_evaluate(args) -> int:
     if args.json:
         _print_json(result)
         return 0
+    width = max(len(key) for key in result) + 2
     for key, value in result.items():
+        if key == "skipped_items":
+            continue
         text = f"{value:.4f}" if isinstance(value, float) else str(value)
-        print(f"{key + ':':<14}{text}")
+        print(f"{key + ':':<{width}}{text}")
+    for skipped in result["skipped_items"][:20]:
+        print(f"  skipped {skipped['id']}: {skipped['reason']}")
+    if len(result["skipped_items"]) > 20:
+        print(f"  ... and {len(result['skipped_items']) - 20} more")
+    if result["no_relevant_items"]:
+        print(f"note: {result['no_relevant_items']} queries have a {args.label} no other item of the index has: "
+              "recall counts them as misses, mAP leaves them out")
     return 0
 
 

@@ -259,7 +259,7 @@ class VisualSearch:
             on_ray = None if ray in (None, False) else {"address": ray if isinstance(ray, str) and ray else None}
             vectors, kept, report = _featurize_in_shards(featurizer, items, strict, _progress(progress), checkpoint, on_ray)
             if not kept:
-                raise CatalogError(f"{_name(catalog)}: none of its {len(items)} images could be read", subject=_name(catalog))
+                raise _none_read(catalog, items, report)
             vectors = prepare(vectors, metric)
             int_ids = np.arange(1, len(kept) + 1, dtype=np.int64)
             local = _local_blobs(kept, int_ids, policy, _progress(progress)) if local_features else None
@@ -1060,6 +1060,8 @@ class VisualSearch:
                 subject=first.id,
             )
         vectors, kept, report = _featurize_items(self.featurizer, items, strict, _progress(progress))
+        if items and not kept:  # as a build of them would be: an error, not "indexed 0 items"
+            raise _none_read(catalog, items, report)
         if kept:
             vectors = prepare(vectors, self.metric)
             # Extracted before taking the writers' lock, like the vectors: by position until the int ids are known.
@@ -1169,6 +1171,9 @@ class VisualSearch:
             raise QueryError(f"k values must be >= 1, got {list(ks)}")
         if leave_one_out == (queries is not None):
             raise QueryError("give a query catalog, or leave_one_out=True to query the index with its own items; not both")
+        if len(self) == 0:
+            raise QueryError(f"{self.path}: the index holds no items, so there is nothing to evaluate against",
+                             subject=str(self.path))
         if leave_one_out:
             items = [Item(id=id_, image=image or "", label=lab, metadata=meta, row=f"item {id_!r}")
                      for _, id_, lab, image, meta in self._items.all_rows()]
@@ -1193,7 +1198,7 @@ class VisualSearch:
                 vectors[q] = self._index.vectors[position[hit[0]]]  # in every region's slot
             else:
                 to_featurize.append(q)
-        skipped = 0
+        skipped: list[tuple[str, str]] = []  # (query id, why it could not be used)
         keep = np.ones(len(items), bool)
         n_all = len(self._index)
         searched: dict[int, np.ndarray] = {}  # query -> its whole ranking (int ids), from search()
@@ -1217,9 +1222,9 @@ class VisualSearch:
                             vectors[q] = turned[0, turn]
                         if regions:
                             vectors[q] = self.featurizer.featurize_regions([items[q].image], [TURNS[turn]])[0]
-                except ImageError:
+                except ImageError as exc:
                     keep[q] = False
-                    skipped += 1
+                    skipped.append((items[q].id, _reason(exc)))
                 if bar is not None:
                     bar.update(1)
             if bar is not None:
@@ -1234,9 +1239,9 @@ class VisualSearch:
                     bar.close()
             ok = [to_featurize[i] for i in result.ok]
             vectors[ok] = result.vectors
-            for i, _ in result.errors:
+            for i, exc in result.errors:
                 keep[to_featurize[i]] = False
-            skipped = len(result.errors)
+                skipped.append((items[to_featurize[i]].id, _reason(exc)))
 
         ranked_here = keep.copy()
         ranked_here[list(searched)] = False
@@ -1285,8 +1290,11 @@ class VisualSearch:
         out: dict[str, Any] = combine(chunks, ks)
         out["queries"] = int(keep.sum())
         out["queries_per_s"] = round(len(qs) / seconds, 2) if seconds > 0 else None
-        out["skipped"] = skipped
+        out["skipped"] = len(skipped)
         out["left_out_self"] = int((self_ids[keep] >= 0).sum())
+        # queries whose label no other item of the index has: recall counts them as misses, mAP leaves them out
+        out["no_relevant_items"] = sum(int((~c["has_positives"]).sum()) for c in chunks)
+        out["skipped_items"] = [{"id": i, "reason": r} for i, r in skipped]
         return out
 
     def _query_local_features(self, items: list[Item], self_ids: np.ndarray, keep: np.ndarray) -> list[LocalFeatures | None]:
@@ -1369,6 +1377,12 @@ def _backend_entry(backend: str, milvus_uri: str | None, collection: str | None,
     entry = backend_entry(milvus_uri, collection or default_collection(path))
     client(entry["uri"])  # unreachable, or held by another process: said now, not after featurizing
     return entry
+
+
+def _none_read(catalog: Any, items: list[Item], report: Report) -> CatalogError:
+    """The error of a catalog none of whose images could be read, with the first one's reason."""
+    first = f"; the first, {report.skipped[0][0]!r}: {report.skipped[0][1]}" if report.skipped else ""
+    return CatalogError(f"{_name(catalog)}: none of its {len(items)} images could be read{first}", subject=_name(catalog))
 
 
 def _check_target(path: Path, force: bool) -> None:
