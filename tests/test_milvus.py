@@ -254,7 +254,8 @@ def test_odd_metadata_is_stored_and_filtered_alike_in_milvus_and_sqlite(tmp_path
     rows = [
         {"id": "a", "image": str(images[0]), "big": 2**70, "nested": {"x": [1, 2, {"y": None}]}, "": "empty key",
          'k.e y"\'': "odd", "ü": "ö", "f": 1.5},
-        {"id": "b", "image": str(images[1]), "big": -2**63, "list": [], "bool": True, "null": None, "long": "x" * 70000},
+        {"id": "b", "image": str(images[1]), "big": -2**63, "list": [], "bool": True, "null": None, "long": "x" * 70000,
+         "code": "30"},
         {"id": "c", "image": str(images[2]), "label": "L", "num": 3, "k\\ey": "a\\b", "k\ney": "line\nbreak",
          "v": 'x") or (true'},
     ]
@@ -275,6 +276,11 @@ def test_odd_metadata_is_stored_and_filtered_alike_in_milvus_and_sqlite(tmp_path
         for where in ({"k\\ey": "a\\b"}, {"v": 'x") or (true'}):  # a backslash key; a value that looks like code
             assert _ids(m.search(query, k=3, filter=where)) == [["c"]]
         assert m.search(query, k=3)[0].hits[0].metadata == f.search(query, k=3)[0].hits[0].metadata
+        # a number and its text find each other (a CSV's metadata are text, a command line's filter too)
+        for where, want in (({"f": "1.5"}, "a"), ({"num": "3"}, "c"), ({"code": 30}, "b"), ({"code": "30"}, "b"),
+                            ({"num": ["x", "3"]}, "c")):
+            assert _ids(f.search(query, k=3, filter=where)) == _ids(m.search(query, k=3, filter=where)) == [[want]], where
+        assert _ids(f.search(query, k=3, filter={"num": "03"})) == [[]]  # only the number's own spelling
 
 
 def test_items_added_and_removed_over_http_reach_the_collection(tmp_path):

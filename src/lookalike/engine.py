@@ -660,6 +660,8 @@ class VisualSearch:
                 if not (v is None or isinstance(v, (str, int, float, bool))):
                     raise QueryError(f"filter {key!r}: compare with a string, number or boolean (or a list of them), "
                                      f"not a {type(v).__name__}", subject=key)
+        filter = {key: [form for v in (value if isinstance(value, (list, tuple, set)) else [value]) for form in _spellings(v)]
+                  for key, value in filter.items()}
         if self._index.filters_metadata:  # the backend runs the filter itself (e.g. a Milvus expression)
             return self._index.expression(filter)
         return self._items.matching(filter)
@@ -1577,6 +1579,21 @@ def _verified_first(inliers: np.ndarray) -> np.ndarray:
     first; the others after them, in their own (global) order."""
     verified = inliers >= MIN_INLIERS
     return np.lexsort((np.arange(len(inliers)), -np.where(verified, inliers, 0), ~verified))
+
+
+def _spellings(value: Any) -> list[Any]:
+    """A filter value and its other spelling, a number and its text (30 and "30", 1.5 and "1.5"):
+    a CSV catalog's metadata are text, a JSONL one's may be numbers, and a filter typed on the
+    command line is text, so either must find the other."""
+    if isinstance(value, bool) or value is None:
+        return [value]
+    if isinstance(value, (int, float)):
+        return [value, str(value)] if math.isfinite(value) else [value]
+    try:
+        number: int | float = int(value) if value.lstrip("-").isdigit() else float(value)
+    except ValueError:
+        return [value]
+    return [value, number] if math.isfinite(number) and str(number) == value else [value]
 
 
 def _check_expand(expand: Any) -> None:
