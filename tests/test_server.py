@@ -353,6 +353,9 @@ def test_add_search_and_delete_an_item_over_http(writable_server):
         assert c.get("/items/new-sunglasses/image").status_code == 200
         assert_error(c.post("/items", files={"file": ("s.jpg", new.read_bytes(), "image/jpeg")}, data={"id": "new-sunglasses"}), 409, "already")
         assert_error(c.post("/items", files={"file": ("p.html", b"<html></html>", "image/jpeg")}, data={"id": "html"}), 415, "not a recognised image")
+        two_labels = c.post("/items", files={"file": ("s.jpg", new.read_bytes(), "image/jpeg")},
+                            data={"id": "two-labels", "label": "X", "metadata": json.dumps({"label": "Y"})})
+        assert_error(two_labels, 422, "label 'X' and the metadata's label 'Y' differ")
         # JSON with base64, id derived from the content
         r = c.post("/items", json={"image_base64": base64.b64encode(JEANS.read_bytes()).decode(), "label": "Jeans"})
         assert r.status_code == 201, r.text

@@ -1176,7 +1176,10 @@ def create_app(settings: ServerSettings):
             if key not in ("id", "label", "metadata") and isinstance(value, (str, int, float, bool)):
                 metadata.setdefault(key, value)
         if label is not None:
-            metadata.setdefault("label", str(label))
+            if str(metadata.get("label", label)) != str(label):
+                raise QueryError(f"label {str(label)[:40]!r} and the metadata's label {str(metadata['label'])[:40]!r} differ; "
+                                 "give one of them (the label is the metadata's 'label')")
+            metadata["label"] = str(label)
         written = new_file = None
         with shared.writing() as vs:
             if vs.get(item_id) is not None:
