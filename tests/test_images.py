@@ -662,7 +662,7 @@ def test_decompression_bomb_file_is_refused_quickly(tmp_path, one_bit_bomb):
     with pytest.raises(ImageTooLargeError) as err:
         load_image(path)
     assert time.perf_counter() - start < 2
-    assert str(path) in str(err.value)
+    assert str(path) in str(err.value) and "over the 64000000-pixel limit" in str(err.value)  # the limit that applies
     start = time.perf_counter()
     with pytest.raises(ImageTooLargeError):
         load_image(one_bit_bomb)
@@ -787,6 +787,11 @@ def test_missing_path_raises_not_found(tmp_path):
         assert str(missing) in str(err.value)
         assert err.value.subject == str(missing)
         assert "does not exist" in str(err.value)
+
+
+def test_empty_path_is_named_as_such():
+    with pytest.raises(ImageNotFoundError, match="an empty path was given"):
+        load_image("")
 
 
 def test_directory_raises_not_found(tmp_path):

@@ -118,6 +118,8 @@ def load_image(
         if isinstance(text, str) and is_url(text):
             data = fetch_url(text, policy)
             return _decode(io.BytesIO(data), name, policy, draft_size)
+        if not text:  # Path("") is the current folder: say what was really given
+            raise ImageNotFoundError("an empty path was given where an image was expected", subject=text)
         path = Path(text)
         if not os.path.isfile(path):
             what = "is a directory, not an image file" if os.path.isdir(path) else "does not exist or is not a file"
@@ -171,7 +173,9 @@ def _decode(fp, name: str, policy: ImagePolicy, draft_size: int | None) -> Image
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(f"{name}: too many pixels ({exc})", subject=name) from exc
+        # Pillow refuses at open, before our own check, and names its own threshold (twice its
+        # limit for the error): the limit that applies is the policy's, which it is raised to
+        raise ImageTooLargeError(f"{name}: too many pixels, over the {policy.max_pixels}-pixel limit", subject=name) from exc
     except UnidentifiedImageError as exc:
         raise ImageFormatError(f"{name}: not a recognised image", subject=name) from exc
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
