@@ -72,6 +72,7 @@ def test_garbage_in_items_sqlite_is_named_and_doctor_says_rebuild(sample_copy):
         VisualSearch.open(sample_copy)
     r = cli("doctor", sample_copy)
     assert r.returncode == 2 and "problem: items.sqlite" in r.stdout and "rebuild it with `lookalike build`" in r.stderr
+    assert "problem: vectors-" not in r.stdout  # the one broken file is named once, as itself
 
 
 def test_damaged_pages_in_items_sqlite_are_found(sample_copy):

@@ -583,7 +583,7 @@ class IndexDir:
                     problems.append({"file": ITEMS_DB, "problem": f"the metadata of {shown} is not valid JSON", "fixable": False})
         except (StoreError, sqlite3.DatabaseError) as exc:
             problems.append({"file": ITEMS_DB, "problem": str(exc).replace(f"{db}: ", ""), "fixable": False})
-        if not any(p["file"].startswith(("vectors-", "ids-")) for p in problems):
+        if not any(p["file"].startswith(("vectors-", "ids-")) or p["file"] == ITEMS_DB for p in problems):
             try:
                 self.load(check_faiss=False)
             except StoreError as exc:
