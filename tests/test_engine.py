@@ -161,7 +161,8 @@ def test_failed_changes_leave_the_index_exactly_as_it_was(sample_copy, tmp_path)
         vs.add(write_csv(tmp_path / "noimg.csv", ["id"], [["x"]]))
     with pytest.raises(CatalogError, match="no item with id 'nope'"):
         vs.remove([existing, "nope"])
-    assert vs.add(broken).indexed == 0  # skipped, not an error: and nothing written
+    with pytest.raises(CatalogError, match="none of its 1 images could be read; the first, 'b1': missing"):
+        vs.add(broken)  # not strict, but none could be read: an error, as a build's, and nothing written
     assert tree_digest(sample_copy) == before
     assert len(VisualSearch.open(sample_copy)) == 300
 
