@@ -92,7 +92,7 @@ def cmd_build(args) -> int:
 def cmd_search(args) -> int:
     vs = VisualSearch.open(args.index_dir, device=args.device, runtime=args.runtime)
     filt = _parse_filter(args.filter)
-    orient, regions = ("auto", "auto") if args.camera else (args.orient, args.regions)
+    orient, regions = _looks(args)
     results = vs.search(list(args.queries), k=args.k, filter=filt, expand=args.expand, orient=orient, regions=regions,
                         verify=False if args.no_verify else None, budget_ms=_budget(args))
     if args.json:
@@ -245,7 +245,7 @@ def cmd_evaluate(args) -> int:
         ks = [int(k) for k in str(args.k).split(",") if k.strip()]
     except ValueError:
         raise LookalikeError(f"-k must be a comma-separated list of whole numbers, got {args.k!r}") from None
-    orient, regions = ("auto", "auto") if args.camera else (args.orient, args.regions)
+    orient, regions = _looks(args)
     result = vs.evaluate(args.queries, label=args.label, ks=ks, leave_one_out=args.leave_one_out,
                          expand=args.expand, orient=orient, verify=False if args.no_verify else None,
                          regions=regions, budget_ms=_budget(args), progress=_progress_factory(args))
@@ -348,6 +348,11 @@ def cmd_camera(args) -> int:
         max_queries=args.max_queries, out=sys.stdout, orient=MODES[args.orient], regions=MODES[args.regions],
         budget_ms=args.budget_ms or None,
     )
+
+
+def _looks(args) -> tuple[bool | str, bool | str]:
+    """search's and evaluate's (orient, regions): --camera's ("auto", "auto"), else --orient and --regions."""
+    return ("auto", "auto") if args.camera else (args.orient, args.regions)
 
 
 def _budget(args) -> float | None:
