@@ -98,6 +98,9 @@ def test_every_ms_is_video_time_and_max_queries_stops(sample_index, video):
     assert wrong.returncode == 2 and "--regions" in wrong.stderr and "'never'" in wrong.stderr
     wrong = camera(sample_index, "--source", str(video), "--headless", "--budget-ms", "-5")
     assert wrong.returncode == 2 and "--budget-ms" in wrong.stderr
+    wrong = camera(sample_index, "--source", str(video), "--headless", "--budget-ms", "100", "--orient", "never",
+                   "--regions", "always")  # nothing auto for a budget to limit: refused, as search's
+    assert wrong.returncode == 2 and "--budget-ms limits the second looks" in wrong.stderr
     unlimited = camera(sample_index, "--source", str(video), "--headless", "--max-queries", "2", "--budget-ms", "0")
     assert unlimited.returncode == 0, unlimited.stderr
     assert "second looks within" not in unlimited.stderr and parse(unlimited.stdout)[1]["queries"] == 2

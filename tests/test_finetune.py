@@ -98,6 +98,10 @@ def test_finetune_keeps_the_best_epoch_and_build_uses_the_model_directory(tuned,
     config["features"]["tta"] = "none"  # as if trained without the mirror image: build follows the model's own
     (moved / MODEL_CONFIG).write_text(json.dumps(config))
     assert VisualSearch.build(gallery, tmp_path / "idx2", model=str(moved)).info()["features"]["tta"] == "none"
+    for key, bad in (("input_size", -5), ("crop_pct", 3), ("input_size", "big")):  # edited by hand: refused first
+        (moved / MODEL_CONFIG).write_text(json.dumps(dict(config, preprocessing=dict(config["preprocessing"], **{key: bad}))))
+        with pytest.raises(ModelError, match="lookalike-model.json: (input_size|unreadable)"):
+            VisualSearch.build(gallery, tmp_path / "idx3", model=str(moved))
     shutil.rmtree(moved)
     again = VisualSearch.open(tmp_path / "idx2")
     assert again.info()["count"] == len(rows) - len(val)
@@ -154,6 +158,16 @@ def test_a_better_model_is_replaced_only_with_force_and_bad_input_exits_2(tuned,
     (tmp_path / "junk" / "notes.txt").write_text("mine")
     with pytest.raises(ModelError, match="holds no model"):
         VisualSearch.finetune(catalog, tmp_path / "junk", label="label")
+    (tmp_path / "bg").mkdir()
+    (tmp_path / "bg" / "b.jpg").write_text("not a photo")
+    with pytest.raises(CatalogError, match="b.jpg: not a readable background photo"):  # named before any training
+        VisualSearch.finetune(catalog, tmp_path / "m4", label="label", epochs=1, views=4, backgrounds=tmp_path / "bg")
+    from lookalike.finetune import _split
+
+    labelled = [(None, name) for name in ["a"] * 3 + ["b"] * 5 + ["c"]]
+    train, val = _split(labelled, 0.99, seed=0)  # however much is held out, every label keeps one to learn from
+    assert sorted(train + val) == list(range(9)) and len(val) == 2 + 4
+    assert {labelled[i][1] for i in train} == {"a", "b", "c"}
     with pytest.raises(CatalogError, match="at least 2 labels"):
         VisualSearch.finetune(write_csv(tmp_path / "one.csv", ["id", "image", "label"], [r[:3] for r in _rows() if r[2] == "Heels"]),
                               tmp_path / "m3", label="label", epochs=1, views=2)

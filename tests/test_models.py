@@ -106,6 +106,26 @@ def test_local_weights_file_for_a_timm_model(tmp_path):
         create_torch_model(spec, resolve_weights(spec, garbage))
 
 
+def test_weights_that_give_nan_features_build_nothing(tmp_path):
+    """A state dict of NaN (damaged or badly trained weights) loads and runs, but its features
+    could never be searched: the build is refused and nothing is written."""
+    import timm
+    import torch
+
+    from conftest import SAMPLE, write_csv
+    from lookalike import VisualSearch
+
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+             for k, v in timm.create_model("resnet18", pretrained=False).state_dict().items()}
+    path = tmp_path / "nan.pth"
+    torch.save(state, path)
+    images = sorted((SAMPLE / "images").glob("*.jpg"))[:3]
+    catalog = write_csv(tmp_path / "c.csv", ["id", "image"], [[p.stem, str(p)] for p in images])
+    with pytest.raises(ModelError, match="NaN or infinite features for 3 of 3 images"):
+        VisualSearch.build(catalog, tmp_path / "index", model="timm:resnet18", weights=path, progress=False)
+    assert not (tmp_path / "index").exists()
+
+
 def _cuda_available() -> bool:
     import torch
 

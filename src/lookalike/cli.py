@@ -341,12 +341,18 @@ def _api_key(args) -> str | None:
 def cmd_camera(args) -> int:
     from .camera import run_camera
 
+    orient, regions = MODES[args.orient], MODES[args.regions]
+    budget = args.budget_ms
+    if budget is not None and "auto" not in (orient, regions):  # as search's --budget-ms without --camera
+        raise LookalikeError("--budget-ms limits the second looks of --orient auto or --regions auto; "
+                             "leave it out, or make one of them auto")
+    if budget is None:
+        budget = CAMERA_BUDGET_MS if "auto" in (orient, regions) else 0
     vs = VisualSearch.open(args.index_dir, device=args.device, runtime=args.runtime)
     source: int | str = int(args.source) if args.source.isdigit() else args.source
     return run_camera(
         vs, source=source, every_ms=args.every_ms, k=args.k, headless=args.headless,
-        max_queries=args.max_queries, out=sys.stdout, orient=MODES[args.orient], regions=MODES[args.regions],
-        budget_ms=args.budget_ms or None,
+        max_queries=args.max_queries, out=sys.stdout, orient=orient, regions=regions, budget_ms=budget or None,
     )
 
 
@@ -616,7 +622,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--orient", choices=tuple(MODES), default="auto", help="try each frame turned "
                    "by 90/180/270 degrees (a camera held sideways): auto (default) only a frame whose best hit is neither "
                    "verified nor scores well upright; always (about 4x the featurizing per query); never")
-    p.add_argument("--budget-ms", type=_non_negative_int, default=int(CAMERA_BUDGET_MS), metavar="MS",
+    p.add_argument("--budget-ms", type=_non_negative_int, metavar="MS",
                    help="a frame's time budget: the auto modes' second looks (turned, finer grid) are taken only when "
                    f"they are expected to fit in it (default {CAMERA_BUDGET_MS:g}; 0: always, however long they take)")
     p.set_defaults(func=cmd_camera)

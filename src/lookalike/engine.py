@@ -260,6 +260,7 @@ class VisualSearch:
             vectors, kept, report = _featurize_in_shards(featurizer, items, strict, _progress(progress), checkpoint, on_ray)
             if not kept:
                 raise _none_read(catalog, items, report)
+            _check_finite(vectors, spec.name)
             vectors = prepare(vectors, metric)
             int_ids = np.arange(1, len(kept) + 1, dtype=np.int64)
             local = _local_blobs(kept, int_ids, policy, _progress(progress)) if local_features else None
@@ -1065,6 +1066,7 @@ class VisualSearch:
         if items and not kept:  # as a build of them would be: an error, not "indexed 0 items"
             raise _none_read(catalog, items, report)
         if kept:
+            _check_finite(vectors, self.spec.name)
             vectors = prepare(vectors, self.metric)
             # Extracted before taking the writers' lock, like the vectors: by position until the int ids are known.
             local = _local_blobs(kept, np.arange(len(kept)), self.policy, None) if self.has_local_features else None
@@ -1385,6 +1387,15 @@ def _none_read(catalog: Any, items: list[Item], report: Report) -> CatalogError:
     """The error of a catalog none of whose images could be read, with the first one's reason."""
     first = f"; the first, {report.skipped[0][0]!r}: {report.skipped[0][1]}" if report.skipped else ""
     return CatalogError(f"{_name(catalog)}: none of its {len(items)} images could be read{first}", subject=_name(catalog))
+
+
+def _check_finite(vectors: np.ndarray, model: str) -> None:
+    """ModelError unless every feature is a finite number: NaN weights (a damaged or badly trained
+    model) give NaN features, which no search could use; nothing is written then."""
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        raise ModelError(f"{model}: the model gave NaN or infinite features for {int(bad.sum())} of {len(vectors)} "
+                         "images (damaged or badly trained weights?); nothing was written", subject=model)
 
 
 def _check_target(path: Path, force: bool) -> None:

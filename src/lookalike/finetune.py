@@ -328,7 +328,7 @@ def _check_split(labelled, train: list[int], val: list[int], label: str, catalog
 
 def _split(labelled: list[tuple[Item, str]], fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Training and validation positions: ``fraction`` of each label with MIN_VAL_LABEL items or more
-    (at least one) is held out, drawn by ``seed``; smaller labels all train."""
+    (at least one, and never all) is held out, drawn by ``seed``; smaller labels all train."""
     by_label: dict[str, list[int]] = {}
     for i, (_, name) in enumerate(labelled):
         by_label.setdefault(name, []).append(i)
@@ -340,7 +340,7 @@ def _split(labelled: list[tuple[Item, str]], fraction: float, seed: int) -> tupl
             train += members
             continue
         drawn = rng.permutation(members)
-        n = max(1, round(fraction * len(members)))
+        n = min(max(1, round(fraction * len(members))), len(members) - 1)  # and at least one to learn from
         val += sorted(drawn[:n].tolist())
         train += sorted(drawn[n:].tolist())
     return sorted(train), sorted(val)

@@ -148,10 +148,18 @@ def model_dir_spec(path: str | os.PathLike) -> ModelSpec:
         raise ModelError(f"{root}: its base is itself a model directory; fine-tune from a named model",
                          subject=str(root))
     pre, features = config["preprocessing"], config.get("features", {})
+    try:  # a config edited by hand: told here, not as a failure deep in the model
+        input_size, crop_pct = int(pre.get("input_size", base.input_size)), float(pre.get("crop_pct", base.crop_pct))
+        head_dim = int(config["head_dim"])
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ModelError(f"{root / MODEL_CONFIG}: unreadable preprocessing or head_dim ({exc})", subject=str(root)) from None
+    if not (32 <= input_size <= 2048 and 0 < crop_pct <= 1 and head_dim > 0):
+        raise ModelError(f"{root / MODEL_CONFIG}: input_size {input_size} (32 to 2048), crop_pct {crop_pct} (above 0, "
+                         f"at most 1) or head_dim {head_dim} (above 0) is out of range", subject=str(root))
     return replace(
-        _finetuned(base, str(root), int(config["head_dim"]), str(root / config["weights"])),
-        input_size=int(pre.get("input_size", base.input_size)),
-        crop_pct=float(pre.get("crop_pct", base.crop_pct)), pooling=features.get("pooling", base.pooling),
+        _finetuned(base, str(root), head_dim, str(root / config["weights"])),
+        input_size=input_size,
+        crop_pct=crop_pct, pooling=features.get("pooling", base.pooling),
         tta=features.get("tta", base.tta),
         description=f"{base.name} fine-tuned on {config.get('label', '?')} of {config.get('catalog', {}).get('name', '?')}",
     )

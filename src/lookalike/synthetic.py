@@ -32,6 +32,15 @@ def backgrounds_in(folder: str | Path) -> list[Path]:
     found = sorted(p for p in root.iterdir() if p.suffix.lower() in BACKGROUND_SUFFIXES and p.is_file())
     if not found:
         raise CatalogError(f"{root}: holds no background photos ({', '.join(BACKGROUND_SUFFIXES)})", subject=str(root))
+    from PIL import Image, UnidentifiedImageError
+
+    for path in found:  # the headers only: a file that is no image is named now, not deep in training
+        try:
+            with Image.open(path) as im:
+                im.size
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise CatalogError(f"{path}: not a readable background photo ({type(exc).__name__}); remove it from "
+                               "the folder", subject=str(path)) from None
     return found
 
 
