@@ -62,12 +62,12 @@ GRID_SCALE = 0.4  # the second look: a GRID x GRID grid of squares of this share
 GRID = 3
 
 LOOK_AVERAGE = 0.2  # weight of the newest time in the moving averages a query's time budget is weighed by
+CPU_CHUNK = 4  # inputs per model call on CPU: small batches stay in the core's cache (measured 1-8 best)
 
 
 def moving_average(average: float | None, new: float) -> float:
     """``average`` with ``new`` folded in at weight LOOK_AVERAGE (``new`` itself when there is none yet)."""
     return new if not average else (1 - LOOK_AVERAGE) * average + LOOK_AVERAGE * new
-CPU_CHUNK = 4  # inputs per model call on CPU: small batches stay in the core's cache (measured 1-8 best)
 
 
 def preprocess(img: Image.Image, spec: ModelSpec, out: np.ndarray | None = None) -> np.ndarray:

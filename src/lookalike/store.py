@@ -571,16 +571,16 @@ class IndexDir:
         try:
             with contextlib.closing(self.connect()) as conn:
                 result = [r[0] for r in conn.execute("PRAGMA integrity_check").fetchall()]
+                bad = [r[0] for r in conn.execute("SELECT id FROM items WHERE NOT json_valid(metadata) LIMIT 4")] \
+                    if result == ["ok"] else []
+            count = self.count_items(gen) if result == ["ok"] else None
             if result != ["ok"]:
                 problems.append({"file": ITEMS_DB, "problem": "; ".join(result[:3]), "fixable": False})
-            elif self.count_items(gen) != manifest["count"]:
-                problems.append({"file": ITEMS_DB, "problem": f"holds {self.count_items(gen)} items, the manifest says {manifest['count']}", "fixable": False})
-            else:
-                with contextlib.closing(self.connect()) as conn:
-                    bad = [r[0] for r in conn.execute("SELECT id FROM items WHERE NOT json_valid(metadata) LIMIT 4")]
-                if bad:
-                    shown = ", ".join(repr(i) for i in bad[:3]) + (" and more" if len(bad) > 3 else "")
-                    problems.append({"file": ITEMS_DB, "problem": f"the metadata of {shown} is not valid JSON", "fixable": False})
+            elif count != manifest["count"]:
+                problems.append({"file": ITEMS_DB, "problem": f"holds {count} items, the manifest says {manifest['count']}", "fixable": False})
+            elif bad:
+                shown = ", ".join(repr(i) for i in bad[:3]) + (" and more" if len(bad) > 3 else "")
+                problems.append({"file": ITEMS_DB, "problem": f"the metadata of {shown} is not valid JSON", "fixable": False})
         except (StoreError, sqlite3.DatabaseError) as exc:
             problems.append({"file": ITEMS_DB, "problem": str(exc).replace(f"{db}: ", ""), "fixable": False})
         if not any(p["file"].startswith(("vectors-", "ids-")) or p["file"] == ITEMS_DB for p in problems):
