@@ -156,6 +156,17 @@ def test_window_mode_without_gui_opencv_says_use_headless(sample_index, video):
     assert len(run.stderr.strip().splitlines()) == 1
 
 
+def test_run_camera_refuses_a_budget_with_nothing_auto_as_search_does(sample_index, video):
+    from lookalike import QueryError, VisualSearch
+    from lookalike.camera import run_camera
+
+    vs = VisualSearch.open(sample_index)
+    with pytest.raises(QueryError, match="budget_ms limits the second looks"):
+        run_camera(vs, source=str(video), headless=True, orient=False, regions=True, budget_ms=100)
+    with pytest.raises(QueryError, match="budget_ms must be a number"):
+        run_camera(vs, source=str(video), headless=True, budget_ms=-1)
+
+
 def test_live_feed_keeps_only_the_newest_frame(video):
     from lookalike.camera import LiveFeed, open_source
 

@@ -374,6 +374,23 @@ def test_add_search_and_delete_an_item_over_http(writable_server):
         assert len(vs) == before["items"] and vs.get("new-sunglasses") is None
 
 
+def test_every_id_has_a_thumbnail_url_that_works(writable_server):
+    # ids that are dot segments ("." and "..": a client resolves /items/../image as /image) or hold a slash
+    photo = SAMPLE / "queries" / "sunglasses-23724.jpg"
+    odd = ["..", ".", "shelf/3", "a b?c#d"]
+    with httpx.Client(base_url=writable_server.url, timeout=60, headers=AUTH) as c:
+        for item_id in odd:
+            r = c.post("/items", files={"file": ("s.jpg", photo.read_bytes(), "image/jpeg")}, data={"id": item_id})
+            assert r.status_code == 201, r.text
+        hits = upload(c, photo, k=len(odd)).json()["results"][0]["hits"]
+        assert sorted(h["id"] for h in hits) == sorted(odd)
+        for hit in hits:
+            r = c.get(hit["image_url"])
+            assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg", (hit["id"], hit["image_url"])
+            item = c.get(hit["image_url"].removesuffix("/image"))
+            assert item.status_code == 200 and item.json()["id"] == hit["id"]
+
+
 def test_write_routes_need_the_api_key(writable_server):
     new = SAMPLE / "queries" / "sunglasses-23724.jpg"
     with httpx.Client(base_url=writable_server.url, timeout=60) as c:

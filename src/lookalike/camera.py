@@ -326,9 +326,10 @@ def run_camera(
     pointing down). ``regions`` (default "auto"): also search with regions of the frame, for an
     item that fills only part of it, and a finer grid of them when the hits are still unsure.
     ``budget_ms``: a frame's time budget, within which those second looks must be expected to
-    fit to be taken (``VisualSearch.search``'s; None: no limit; left unused with neither mode "auto").
+    fit to be taken (``VisualSearch.search``'s; None: no limit). A budget with neither mode "auto"
+    would limit nothing: a QueryError, as ``VisualSearch.search`` raises, before the source opens.
     """
-    budget_ms = budget_ms if "auto" in (orient, regions) else None
+    vs.check_budget(budget_ms, orient, regions)
     out = out or sys.stdout
     err = err or sys.stderr
     if every_ms < 1:
@@ -383,10 +384,9 @@ def run_camera(
                 hits = result.hits
                 last_query_wall, last_query_pos = t_query, pos
                 if headless:
-                    line = {"t": round(t_query - start, 4), "frame": index, "ms": round(ms, 2),
-                            "hits": [h.to_dict() for h in hits]}
-                    if result.skipped is not None:
-                        line["skipped_looks"] = list(result.skipped)
+                    found = result.to_dict()  # hits, and skipped_looks with a budget
+                    del found["query"]
+                    line = {"t": round(t_query - start, 4), "frame": index, "ms": round(ms, 2), **found}
                     out.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
                     out.flush()
             if not headless:

@@ -456,12 +456,11 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _hit_dict(hit) -> dict[str, Any]:
-    return {**hit.to_dict(), "image_url": image_url(hit.id)}
-
-
 def image_url(item_id: str) -> str:
-    return f"/items/{quote(item_id, safe='')}/image"
+    """The item's thumbnail URL: its id one path segment, and "." or ".." spelt %2E, which clients
+    would otherwise resolve as the folder itself or its parent (GET /items/../image is GET /image)."""
+    segment = quote(item_id, safe="")
+    return f"/items/{segment.replace('.', '%2E') if item_id in ('.', '..') else segment}/image"
 
 
 def _item_dict(item: Item) -> dict[str, Any]:
@@ -862,11 +861,10 @@ def create_app(settings: ServerSettings):
                 generation = vs.generation
             settled.update(zip(todo, hits))
         results = []
-        for i, q in enumerate(queries):
-            result: dict[str, Any] = {"query": q.name, "hits": [_hit_dict(h) for h in VisualSearch.passing(settled[i], min_score)]}
-            if budget_ms is not None:
-                result["skipped_looks"] = skipped.get(i, [])
-            results.append(result)
+        for i, q in enumerate(queries):  # SearchResult's own JSON (skipped_looks only with a budget), with image URLs
+            result = SearchResult(q.name, VisualSearch.passing(settled[i], min_score),
+                                  tuple(skipped.get(i, [])) if budget_ms is not None else None).to_dict()
+            results.append({**result, "hits": [{**h, "image_url": image_url(h["id"])} for h in result["hits"]]})
         return results, generation
 
     # Image URLs are part of the schema only when the service fetches them (--allow-urls).
