@@ -73,12 +73,14 @@ def test_unknown_model_names_close_matches():
         get_spec("timm:no_such_net_at_all")
 
 
-def test_no_weights_offline_is_a_clear_error_never_random_weights(monkeypatch):
+def test_no_weights_offline_is_a_clear_error_never_random_weights(monkeypatch, tmp_path):
     monkeypatch.setenv("LOOKALIKE_OFFLINE", "1")
     with pytest.raises(ModelError, match="--weights"):
         resolve_weights(get_spec("resnet18"))
     with pytest.raises(ModelError, match="does not exist"):
         resolve_weights(get_spec("resnet18"), "/nonexistent/weights.pth")
+    with pytest.raises(ModelError, match="is a folder, not a weights file .* goes to --model"):
+        resolve_weights(get_spec("resnet18"), tmp_path)
 
 
 def test_local_weights_file_for_a_timm_model(tmp_path):

@@ -337,6 +337,12 @@ def test_items_and_their_thumbnails(client):
         img = Image.open(io.BytesIO(r.content))
         original = Image.open(SAMPLE / row["image"])
         assert max(img.size) <= expected and max(img.size) == min(expected, max(original.size))
+    # HEAD (uptime checkers, caches): the GET's status and headers, no body
+    for path in ("/livez", "/readyz", item["image_url"], f"/items/{row['id']}", "/items/no-such-item"):
+        got, head = client.get(path), client.head(path)
+        assert head.status_code == got.status_code and head.content == b"", path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+        assert head.headers.get("content-length") == got.headers.get("content-length"), path
 
 
 def test_add_search_and_delete_an_item_over_http(writable_server):

@@ -199,6 +199,9 @@ def resolve_weights(spec: ModelSpec, weights: str | os.PathLike | None = None) -
         weights = spec.weights_file
     if weights is not None:
         path = Path(weights).expanduser()
+        if path.is_dir():
+            raise ModelError(f"{path}: is a folder, not a weights file (a fine-tuned model's folder goes to --model)",
+                             subject=str(path))
         if not path.is_file():
             raise ModelError(f"{path}: weights file does not exist", subject=str(path))
         return Weights("file", str(path.resolve()), file_sha256(path))

@@ -725,8 +725,8 @@ def create_app(settings: ServerSettings):
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(500, "internal error", f"{type(exc).__name__}: {exc}")
 
-    # Outermost first: security headers on every answer, then CORS (only when origins are named),
-    # then the body limits and metrics.
+    # Outermost first: HEAD as GET, security headers on every answer, then CORS (only when origins
+    # are named), then the body limits and metrics.
     guard_budget = BodyBudget(settings.body_budget)
     app.add_middleware(_Guard, max_body=settings.max_upload_bytes, metrics=metrics, budget=guard_budget)
     if settings.cors_origins:
@@ -736,6 +736,7 @@ def create_app(settings: ServerSettings):
             max_age=600,
         )
     app.add_middleware(_SecurityHeaders)
+    app.add_middleware(_HeadAsGet)
 
     def check_key(request: Request, what: str) -> None:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
@@ -1323,6 +1324,25 @@ def _format_of(data: bytes) -> str:
 
     with Image.open(io.BytesIO(data)) as img:
         return img.format or ""
+
+
+class _HeadAsGet:
+    """ASGI middleware: a HEAD request answered as its GET (status and headers, Content-Length
+    included) without the body, as HTTP asks; uptime checkers and caches send HEAD."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_wrapper)
 
 
 class _SecurityHeaders:
