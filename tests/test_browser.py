@@ -221,6 +221,41 @@ def test_upload_catalog_image_shows_it_first_with_thumbnail_and_metadata(browser
         assert hit_ids(page)[0] == item["id"]
 
 
+def test_thumbnails_of_items_whose_images_are_urls_show(browser, tmp_path):
+    """A catalog of image URLs: a hit's thumbnail is a redirect to its URL, which the page's
+    Content-Security-Policy must let it load (it had allowed images of its own address only)."""
+    import functools
+    import http.server
+    import threading
+
+    from conftest import Server, write_csv
+    from lookalike import ImagePolicy, VisualSearch
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(SAMPLE / "images"))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{httpd.server_address[1]}"
+        ids = list(CATALOG)[:6]
+        catalog = write_csv(tmp_path / "urls.csv", ["id", "image"], [[i, f"{base}/{i}.jpg"] for i in ids])
+        VisualSearch.build(catalog, tmp_path / "idx", policy=ImagePolicy(allow_private_urls=True), progress=False)
+        srv = Server(tmp_path / "idx")
+        try:
+            with open_page(browser, srv.url + "/") as page:  # fails on a CSP violation
+                wait_ready(page)
+                page.set_input_files("#file-input", str(SAMPLE / "images" / f"{ids[2]}.jpg"))
+                wait_for_top(page, ids[2])
+                thumbnail_loaded(page)  # from the image server, through the service's redirect
+        finally:
+            srv.stop()
+    finally:
+        httpd.shutdown()
+
+
 def test_real_photo_finds_an_item_of_its_label(browser, server):
     query = QUERIES[QUERY_PHOTO]
     photo = SAMPLE / "queries" / query["image"]

@@ -97,13 +97,54 @@ def test_a_damaged_shard_is_featurized_again_not_trusted(tmp_path):
 
     checkpoint = BuildCheckpoint(tmp_path / "idx")
     checkpoint.start("abc", resume=False)
-    checkpoint.save(0, np.ones((2, 4), np.float32), [0, 2], [(1, "ImageCorruptError: x")])
-    vectors, ok, skipped = checkpoint.load(0)
+    stamps = np.array([[10, 1], [20, 2], [-1, -1]], np.int64)
+    checkpoint.save(0, np.ones((2, 4), np.float32), [0, 2], [(1, "ImageCorruptError: x")], stamps)
+    vectors, ok, skipped = checkpoint.load(0, stamps)
     assert vectors.shape == (2, 4) and ok == [0, 2] and skipped == [(1, "ImageCorruptError: x")]
     shard = checkpoint.path / "shard-000000.npz"
     shard.write_bytes(shard.read_bytes()[:100])  # a disk that lost its tail
-    assert checkpoint.load(0) is None and checkpoint.done() == [0]
+    assert checkpoint.load(0, stamps) is None and checkpoint.done() == [0]
+    checkpoint.release()
     assert checkpoint.start("abc", resume=True)["fingerprint"] == "abc"
+    checkpoint.release()
+
+
+def test_a_second_build_of_the_same_output_is_refused_and_leaves_the_first_ones_shards(tmp_path):
+    from lookalike.checkpoint import BuildCheckpoint
+
+    out = tmp_path / "idx"
+    first = BuildCheckpoint(out)  # a build of idx under way (here: this process)
+    first.start("abc", resume=False)
+    first.save(0, np.ones((1, 4), np.float32), [0], [], np.full((1, 2), -1, np.int64))
+    second = run("build", SAMPLE / "catalog.csv", "-o", out, check=False)
+    assert second.returncode == 2 and "another build of it is running now" in second.stderr
+    assert first.done() == [0] and not out.exists()  # its shards were dropped before, and the build failed late
+    first.release()
+    assert run("build", SAMPLE / "catalog.csv", "-o", out, "-q", check=False).returncode == 0
+    assert not first.path.exists() and not (tmp_path / ".idx.lookalike-build.lock").exists()
+
+
+def test_a_shard_whose_images_changed_since_is_featurized_again(tmp_path):
+    """An image fixed or replaced between the kill and --resume: the shard that read it is not
+    trusted (its vectors, or its "unreadable", were of the file as it was)."""
+    from lookalike import Item
+    from lookalike.checkpoint import BuildCheckpoint, file_stamps
+
+    images = [tmp_path / f"{n}.jpg" for n in range(3)]
+    for path in images:
+        path.write_bytes((SAMPLE / "queries" / "jeans-18193.jpg").read_bytes())
+    items = [Item(id=str(n), image=str(p)) for n, p in enumerate(images)] + [Item(id="u", image="https://x.example/a.jpg")]
+    stamps = file_stamps(items)
+    assert (stamps[:3] > 0).all() and stamps[3].tolist() == [-1, -1]
+    checkpoint = BuildCheckpoint(tmp_path / "idx")
+    checkpoint.start("abc", resume=False)
+    checkpoint.save(0, np.ones((4, 4), np.float32), [0, 1, 2, 3], [], stamps)
+    checkpoint.release()
+    assert checkpoint.load(0, file_stamps(items)) is not None  # nothing changed
+    images[1].write_bytes(images[1].read_bytes()[:300])  # truncated: another size
+    assert checkpoint.load(0, file_stamps(items)) is None
+    images[1].unlink()  # gone
+    assert checkpoint.load(0, file_stamps(items)) is None
 
 
 def test_add_remove_classify_from_the_command_line(tmp_path, sample_index):

@@ -466,3 +466,26 @@ def test_feature_beyond_float32_range_is_a_query_error_not_infinity(body, conten
 def test_largest_float32_feature_is_still_accepted():
     out = parse_request(b"3.4028234e38,-3.4028234e38\n", "text/csv")
     assert out.dtype == np.float32 and np.isfinite(out).all()
+
+
+def test_a_record_of_the_wrong_length_is_refused_before_room_is_made_for_all():
+    # was: 5,000,000 one-number lines made room for 5,000,000 x 1280 floats (MemoryError, a 500)
+    with pytest.raises(QueryError, match="line 1: a vector of dimension 1, but the index's vectors have dimension 1280"):
+        parse_request(b"1\n" * 900, "text/csv", dim=1280)
+    with pytest.raises(QueryError, match="line 3: a vector of dimension 2, but the request's first vector has dimension 3"):
+        parse_request(b"1,2,3\n4,5,6\n7,8\n", "text/csv")
+    with pytest.raises(QueryError, match="instance 2: a vector of dimension 1"):
+        parse_request(b'{"instances": [{"features": [1, 2]}, {"features": [1]}]}', "application/json", dim=2)
+
+
+def test_a_request_of_more_records_than_the_limit_is_refused():
+    with pytest.raises(QueryError, match="holds 1001 feature vectors; send at most 1000"):
+        parse_request(b"1,2\n" * 1001, "text/csv")
+    assert parse_request(b"1,2\n" * 1000, "text/csv").shape == (1000, 2)
+
+
+def test_spreadsheet_csv_a_byte_order_mark_and_quoted_cells_read_as_numbers():
+    out = parse_request('\ufeff"0.5", 1.5\n2,"-3e-1"\n'.encode(), "text/csv")
+    assert out.tolist() == [[0.5, 1.5], [2.0, pytest.approx(-0.3)]]
+    with pytest.raises(QueryError, match="line 1: '1_0' is not a number"):  # float() would read it as 10
+        parse_request(b"1_0,2\n", "text/csv")

@@ -6,9 +6,12 @@ import base64
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -368,7 +371,13 @@ def test_add_search_and_delete_an_item_over_http(writable_server):
         derived = r.json()["id"]
         assert len(derived) == 16
         assert c.get("/readyz").json()["items"] == before["items"] + 2
+        from lookalike import VisualSearch
+
+        kept = Path(VisualSearch.open(writable_server.index_dir).get("new-sunglasses").image)
+        assert kept.is_absolute() and kept.parent == writable_server.index_dir.absolute() / "uploads" and kept.is_file()
+        os.utime(kept, (time.time() - 3600, time.time() - 3600))  # kept an hour ago: past the grace of adds in flight
         assert c.delete("/items/new-sunglasses").json()["removed"] == "new-sunglasses"
+        assert not kept.exists()  # its uploaded image went with it
         assert c.delete(f"/items/{derived}").status_code == 200
         assert_error(c.get("/items/new-sunglasses"), 404)
         assert upload(c, new, k=1).json()["results"][0]["hits"][0]["id"] != "new-sunglasses"
@@ -459,8 +468,12 @@ def test_service_follows_an_index_rebuilt_in_its_place_and_says_when_it_is_gone(
         manifest.write_bytes(good[:-20])
         time.sleep(0.1)
         assert_error(c.get("/readyz"), 503, "lookalike.json")
+        vector = {"vector": [0.0] * 1279 + [1.0], "k": 1}
+        # every search answers as the last look at the disk did (it looks once a second), never from memory
+        assert [c.post("/search", json=vector).status_code for _ in range(8)] == [503] * 8
         manifest.write_bytes(good)
         assert c.get("/readyz").status_code == 200
+        assert [c.post("/search", json=vector).status_code for _ in range(4)] == [200] * 4
 
 
 def test_searches_while_items_are_added_and_removed_never_fail(writable_server):

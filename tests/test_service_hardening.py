@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import pytest
@@ -129,6 +130,44 @@ def test_sixteen_clients_uploading_at_the_limit_keep_memory_bounded(sample_copy,
     assert grown < cores * 320 + 200, result
     assert "lookalike_busy_total" in metrics and "lookalike_rejected_uploads_total" in metrics
     assert "Traceback" not in log
+
+
+def test_clients_that_declare_big_bodies_and_send_nothing_neither_lock_uploads_out_nor_stay(sample_index):
+    """Four connections that declare 8 MiB bodies (the whole upload budget) and send nothing:
+    uploads still get through, the idle ones get a 408 after --body-timeout, and a client that
+    leaves in the middle of its upload is counted, not logged as a 500."""
+    srv = Server(sample_index, "--upload-memory-mb", "8", "--body-timeout", "3")
+    host, port = srv.url.removeprefix("http://").split(":")
+    idle = []
+    try:
+        for _ in range(4):
+            sock = socket.create_connection((host, int(port)), timeout=30)
+            sock.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                         b"Content-Length: 8388608\r\n\r\n")
+            idle.append(sock)
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            r = c.post("/search", files={"file": ("j.jpg", JEANS.read_bytes(), "image/jpeg")}, params={"k": 1})
+            assert r.status_code == 200, r.text  # was 429 for as long as the idle ones stayed
+            for sock in idle:
+                answer = b""
+                while chunk := sock.recv(4096):  # within the 30 s socket timeout: after about 3 s, then closed
+                    answer += chunk
+                assert answer.startswith(b"HTTP/1.1 408") and b"request timeout" in answer, answer
+            leaving = socket.create_connection((host, int(port)), timeout=30)
+            leaving.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                            b"Content-Length: 100000\r\n\r\n" + JEANS.read_bytes()[:5000])
+            leaving.close()
+            time.sleep(1)
+            assert c.get("/readyz").status_code == 200
+            metrics = c.get("/metrics").text
+        assert "lookalike_stalled_uploads_total 4" in metrics and "lookalike_client_disconnects_total 1" in metrics
+        assert 'status="500"' not in metrics
+    finally:
+        for sock in idle:
+            sock.close()
+        log = srv.output()
+        srv.stop()
+    assert "Traceback" not in log and "unexpected error" not in log
 
 
 def test_too_many_waiting_requests_get_429_with_retry_after(sample_index):

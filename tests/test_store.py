@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
+import time
 
 import pytest
 
 from conftest import ROOT, SAMPLE, write_csv
-from lookalike import IndexBusyError, StoreError, VisualSearch
+from lookalike import IndexBusyError, Item, StoreError, VisualSearch
 from lookalike.store import IndexDir
 
 QUERY = SAMPLE / "queries" / "watches-45260.jpg"
@@ -66,6 +68,82 @@ def test_a_reader_follows_an_index_rebuilt_in_its_place_with_another_model(sampl
     assert not reader.refresh()
 
 
+def test_build_force_waits_for_a_writer_and_a_waiting_writer_then_locks_the_new_directory(tmp_path):
+    """build --force swaps directories under the old one's lock, and a writer that waited on the
+    old directory's lock ends holding the new one's: never two writers at once, never a change of
+    the old index committed into the new one."""
+    import threading
+
+    rows = list(csv.DictReader(open(SAMPLE / "catalog.csv")))[:6]
+    small = write_csv(tmp_path / "small.csv", ["id", "image"], [[r["id"], str(SAMPLE / r["image"])] for r in rows])
+    path = tmp_path / "idx"
+    VisualSearch.build(small, path, progress=False)
+    old_build = json.loads((path / "lookalike.json").read_text())["build_id"]
+    holder = IndexDir(path).lock()
+    holder.__enter__()  # a writer in the middle of a change of the old index
+    seen: dict[str, object] = {}
+
+    def waiting_writer():
+        with IndexDir(path).lock(timeout=60):
+            seen["build"] = json.loads((path / "lookalike.json").read_text())["build_id"]
+            try:  # while it holds the lock, nobody else gets the live directory's
+                with IndexDir(path).lock(timeout=0.3):
+                    seen["second"] = True
+            except IndexBusyError:
+                seen["second"] = False
+
+    def rebuild():
+        VisualSearch.build(small, path, progress=False, tta="none", force=True)
+        seen["built_at"] = time.monotonic()
+
+    threads = [threading.Thread(target=rebuild)]
+    threads[0].start()
+    time.sleep(0.5)
+    threads.append(threading.Thread(target=waiting_writer))
+    threads[1].start()
+    time.sleep(6)  # the build's featurizing is done by now, and it waits for the lock
+    assert "built_at" not in seen and (path / "lookalike.json").exists()
+    released = time.monotonic()
+    holder.__exit__(None, None, None)
+    for t in threads:
+        t.join(120)
+    assert seen["built_at"] >= released  # the swap waited for the writer of the old index
+    assert seen["second"] is False  # one writer at a time, also across the swap
+    new_build = json.loads((path / "lookalike.json").read_text())["build_id"]
+    assert new_build != old_build and seen["build"] in (old_build, new_build)
+    assert IndexDir(path).diagnose() == [] and len(VisualSearch.open(path)) == 6
+
+
+def test_an_add_featurized_with_a_model_the_index_no_longer_has_is_refused(tmp_path):
+    """add featurizes before it takes the lock: a build --force in between (here with other
+    features) would have made its vectors unlike the index's. It is refused, nothing written."""
+    rows = list(csv.DictReader(open(SAMPLE / "catalog.csv")))
+    small = write_csv(tmp_path / "small.csv", ["id", "image"], [[r["id"], str(SAMPLE / r["image"])] for r in rows[:6]])
+    more = write_csv(tmp_path / "more.csv", ["id", "image"], [[r["id"], str(SAMPLE / r["image"])] for r in rows[6:9]])
+    path = tmp_path / "idx"
+    VisualSearch.build(small, path, progress=False)
+    writer = VisualSearch.open(path)
+
+    class RebuildMidway:  # a progress bar whose first update rebuilds the index another way
+        def __init__(self, total):
+            self.done = False
+
+        def update(self, n):
+            if not self.done:
+                self.done = True
+                VisualSearch.build(small, path, progress=False, tta="none", force=True)
+
+        def close(self):
+            pass
+
+    with pytest.raises(StoreError, match="rebuilt in its place while these items were featurized"):
+        writer.add(more, progress=RebuildMidway)
+    after = VisualSearch.open(path)
+    assert len(after) == 6 and after.spec.tta == "none" and after.generation == 1
+    report = writer.add(more)  # again: now with the new build's model
+    assert report.indexed == 3 and writer.search(SAMPLE / rows[7]["image"], k=1).hits[0].score > 0.999
+
+
 def test_a_reader_keeps_its_generation_while_a_writer_changes_the_index(sample_copy, tmp_path):
     reader = VisualSearch.open(sample_copy)
     writer = VisualSearch.open(sample_copy)
@@ -93,3 +171,42 @@ def test_verify_finds_a_changed_file(sample_copy):
     data[-10] ^= 0xFF
     path.write_bytes(bytes(data))
     assert IndexDir(sample_copy).verify() == ["index-1.faiss does not match its sha256"]
+
+
+def test_uploads_are_kept_by_content_and_only_unused_old_ones_are_swept(sample_copy):
+    store = IndexDir(sample_copy)
+    photo = QUERY.read_bytes()
+    first, again = store.keep_upload(photo, ".jpg"), store.keep_upload(photo, ".jpg")
+    assert first == again and first.is_absolute() and first.read_bytes() == photo
+    other = store.keep_upload(b"not used by any item", ".img")
+    vs = VisualSearch.open(sample_copy)
+    vs.add([Item(id="uploaded", image=str(first))])
+    hour_ago = time.time() - 3600
+    for path in (first, other):
+        os.utime(path, (hour_ago, hour_ago))
+    fresh = store.keep_upload(b"an add of this one is in flight", ".img")
+    assert store.sweep_uploads() == 1  # the old unused one; the item's image and the fresh one stay
+    assert first.is_file() and fresh.is_file() and not other.exists()
+    store.keep_upload(photo, ".jpg")  # kept again (another add of the same picture): its time renewed
+    vs.remove(["uploaded"])
+    assert store.sweep_uploads() == 0 and first.is_file()  # unused now, but kept again a moment ago
+    os.utime(first, (hour_ago, hour_ago))
+    assert store.sweep_uploads() == 1 and not first.exists()
+
+
+def test_doctor_gives_no_false_alarm_while_another_process_keeps_changing_the_index(sample_copy):
+    """A writer's commit deletes the generation a check is reading: doctor checks again instead
+    of reporting missing files (it had said "damaged beyond what doctor repairs")."""
+    import subprocess
+
+    loop = ("import sys\nfrom lookalike import VisualSearch\nvs = VisualSearch.open(sys.argv[1])\n"
+            "for _ in range(int(sys.argv[2])):\n    vs.reindex()\n")
+    writer = subprocess.Popen([sys.executable, "-c", loop, str(sample_copy), "60"])
+    try:
+        reports = []
+        while writer.poll() is None:
+            reports.append(VisualSearch.doctor(sample_copy, repair=False))
+    finally:
+        writer.wait()
+    assert len(reports) >= 3 and writer.returncode == 0
+    assert [r["problems"] for r in reports if not r["ok"]] == []

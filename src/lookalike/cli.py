@@ -316,7 +316,7 @@ def cmd_serve(args) -> int:
         index_dir=args.index_dir, k=args.k, max_upload_bytes=args.max_upload_mb * 1024 * 1024,
         max_pixels=args.max_pixels, allow_urls=args.allow_urls, device=args.device, runtime=args.runtime, api_key=api_key,
         protect_reads=args.protect_reads, cors_origins=tuple(args.cors_origin or ()), max_queue=args.max_queue,
-        upload_memory_bytes=(args.upload_memory_mb or 0) * 1024 * 1024,
+        upload_memory_bytes=(args.upload_memory_mb or 0) * 1024 * 1024, body_timeout_s=float(args.body_timeout),
     )
     serve(settings, host=args.host, port=args.port, workers=args.workers, quiet=args.quiet)
     return 0
@@ -605,6 +605,8 @@ def make_parser() -> argparse.ArgumentParser:
                    "are answered 429 with Retry-After (default 32)")
     p.add_argument("--upload-memory-mb", type=_positive_int, help="request bodies held in memory at once before "
                    "more are answered 429 (default 4 x --max-upload-mb)")
+    p.add_argument("--body-timeout", type=_positive_int, default=20, metavar="SECONDS", help="a request body that "
+                   "goes this long without a byte arriving is answered 408 (default 20)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("camera", parents=[common], help="live search from a camera or a video file (needs OpenCV)")

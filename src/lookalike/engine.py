@@ -30,7 +30,7 @@ from PIL import Image
 
 from . import __version__
 from .catalog import check_unique, read_catalog
-from .checkpoint import SHARD_ITEMS, BuildCheckpoint, fingerprint
+from .checkpoint import SHARD_ITEMS, BuildCheckpoint, file_stamps, fingerprint
 from .errors import BackendError, CatalogError, ClusterError, ImageError, IndexError_, ModelError, QueryError, StoreError
 from .evaluate import combine, per_query
 from .featurizer import GRID, REGIONS, TURNS, Featurizer, cache_dir, cpu_count, make_int8_model, moving_average
@@ -46,7 +46,7 @@ from .local import inliers as local_inliers
 from .models import (DEFAULT_MODEL, Weights, file_sha256, get_spec, read_model_config, resolve_weights,
                      spec_from_manifest, with_features)
 from .runtimes import check_choice, int8_saturates, native_bf16
-from .store import IndexDir, ItemTable
+from .store import MANIFEST, IndexDir, ItemTable
 from .synthetic import backgrounds_in
 from .types import Hit, IndexSpec, Item, ModelSpec, SearchResult
 
@@ -68,6 +68,7 @@ REGION_MODES = (False, True, "auto")
 INT8_MODEL = "model-int8.onnx"  # an int8 index's own quantized model, in its directory
 INT8_CALIBRATION = 64  # catalog images (evenly spaced) that calibrate an int8 model
 
+DOCTOR_TRIES = 5  # checks doctor makes while other processes keep committing changes under it
 ProgressFactory = Callable[[int], Any]  # total -> object with update(n) and close(), e.g. tqdm
 
 
@@ -289,12 +290,14 @@ class VisualSearch:
                     vindex.discard()  # the staging collection: the old index (if any) keeps its own
                 raise
             vindex.committed()
+            checkpoint.discard()  # the index holds it all now
         except BackendError:  # Milvus refused or went away: the shards make --resume quick
             raise
         except StoreError:  # a full disk, most often: the shards would only take more of it
             checkpoint.discard()
             raise
-        checkpoint.discard()  # the index holds it all now
+        finally:
+            checkpoint.release()
         report.indexed = len(kept)
         report.seconds = time.perf_counter() - start
         vs = cls(path, device=device, policy=policy, runtime=featurizer.runtime if device == "cpu" else "auto")
@@ -356,15 +359,33 @@ class VisualSearch:
         """Check an index directory file by file; rebuild its FAISS file from the stored vectors
         when that is all that is wrong. Returns {"path", "ok", "problems", "repaired"}."""
         store = IndexDir(path)
-        problems = store.diagnose()
-        if not problems:  # every file matches its hash: FAISS must also read back
-            manifest, vectors, ids, faiss_path = store.load()
-            ispec = IndexSpec(**dict(manifest["index"], metric=manifest["metric"]))
-            vindex, intact = load_index(ispec, int(manifest["model"]["dim"]), vectors, ids, str(faiss_path))
-            if not intact and ispec.backend:
-                problems.append({"file": ispec.backend.get("collection", "?"), "problem": vindex.problem(), "fixable": True})
-            elif not intact:
-                problems.append({"file": faiss_path.name, "problem": "FAISS cannot read it", "fixable": True})
+
+        def check() -> list[dict[str, Any]]:
+            problems = store.diagnose()
+            if not problems:  # every file matches its hash: FAISS must also read back
+                manifest, vectors, ids, faiss_path = store.load()
+                ispec = IndexSpec(**dict(manifest["index"], metric=manifest["metric"]))
+                vindex, intact = load_index(ispec, int(manifest["model"]["dim"]), vectors, ids, str(faiss_path))
+                if not intact and ispec.backend:
+                    problems.append({"file": ispec.backend.get("collection", "?"), "problem": vindex.problem(), "fixable": True})
+                elif not intact:
+                    problems.append({"file": faiss_path.name, "problem": "FAISS cannot read it", "fixable": True})
+            return problems
+
+        def checked() -> list[dict[str, Any]]:
+            try:
+                return check()
+            except StoreError as exc:
+                return [{"file": MANIFEST, "problem": str(exc), "fixable": False}]
+
+        for _ in range(DOCTOR_TRIES):  # a writer that committed meanwhile deleted the files being checked: again
+            stamp = store.stamp()
+            problems = checked()
+            if not problems or store.stamp() == stamp:
+                break
+        else:  # writers kept committing: once more while they wait
+            with store.lock():
+                problems = checked()
         repaired = []
         if problems and repair and all(p["fixable"] for p in problems):
             with store.lock():
@@ -1053,6 +1074,7 @@ class VisualSearch:
         Nothing on disk changes until every new item is featurized; an error leaves the index as it was.
         """
         start = time.perf_counter()
+        build = self.manifest.get("build_id")  # the build whose model featurizes them: checked under the lock
         items = _items(catalog)
         present = self._items.int_ids(it.id for it in items)
         if present:
@@ -1072,6 +1094,9 @@ class VisualSearch:
             local = _local_blobs(kept, np.arange(len(kept)), self.policy, None) if self.has_local_features else None
             with self._store.lock():
                 self._reload()  # another process may have changed it since we opened it
+                if self.manifest.get("build_id") != build:  # rebuilt in its place, perhaps with another model
+                    raise StoreError(f"{self.path}: the index was rebuilt in its place while these items were "
+                                     "featurized; nothing was added: add them again", subject=str(self.path))
                 present = self._items.int_ids(it.id for it in kept)
                 if present:
                     raise CatalogError(f"id {next(iter(present))!r} was added to the index by another process")
@@ -1112,6 +1137,16 @@ class VisualSearch:
             vindex.committed()
             self._reload()
         return removed
+
+    def keep_upload(self, data: bytes, suffix: str) -> str:
+        """Store an image sent to the service in the index directory (``uploads/``, named by its
+        content) and return its absolute path, for the item about to be added with it."""
+        return str(self._store.keep_upload(data, suffix))
+
+    def sweep_uploads(self) -> int:
+        """Delete the stored uploads no item uses any more (after a grace time for adds in
+        flight); how many."""
+        return self._store.sweep_uploads()
 
     def reindex(self) -> dict[str, Any]:
         """Plan and train the index again from the stored vectors (the kind kept, its parameters
@@ -1435,7 +1470,7 @@ def _featurize_in_shards(featurizer: Featurizer, items: list[Item], strict: bool
     resumed = 0
     try:
         for number in sorted(have):
-            saved = checkpoint.load(number) if number < len(shards) else None
+            saved = checkpoint.load(number, file_stamps(items[slice(*shards[number])])) if number < len(shards) else None
             if saved is not None:
                 done[number] = saved
                 lo, hi = shards[number]
@@ -1448,7 +1483,9 @@ def _featurize_in_shards(featurizer: Featurizer, items: list[Item], strict: bool
             if errors and strict:
                 raise errors[0][1]
             shard_skipped = [(i, _reason(err)) for i, err in errors]
-            checkpoint.save(number, shard_vectors, shard_ok, shard_skipped)
+            # The files as they are now, just after their reading (one changed in between is
+            # featurized again by a resume only if it changes again: a window of a moment)
+            checkpoint.save(number, shard_vectors, shard_ok, shard_skipped, file_stamps(items[slice(*shards[number])]))
             done[number] = (shard_vectors, shard_ok, shard_skipped)
     finally:
         if bar is not None:

@@ -7,6 +7,7 @@
       ids-<gen>.npy      int64 int ids
       index-<gen>.faiss  the FAISS index (derived from the vectors: `lookalike doctor` rebuilds it);
                          absent when the manifest names another backend (a Milvus collection)
+      uploads/           images sent to the service (POST /items), named by their content
 
 A change writes the next generation's files (fsynced), commits the SQLite rows tagged with
 that generation, then atomically replaces the manifest. SQLite rows carry the generation that
@@ -52,6 +53,10 @@ LOCK_TIMEOUT = 10.0
 # newest generation (a service checks once a second) still finds every item its index returns.
 KEEP_REMOVED_ROWS = 1000
 SQL_IN_CHUNK = 900  # values in one IN (...) list: under SQLite's older limit of 999 parameters
+UPLOADS = "uploads"  # the folder of images sent to the service
+# An uploaded image no item uses is deleted only this long after it was last kept: an add that
+# stored it may still be featurizing it (outside the lock) before it commits its item.
+UPLOAD_GRACE_S = 600.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -216,6 +221,15 @@ class IndexDir:
             )
         return manifest
 
+    def stamp(self) -> tuple[Any, Any] | None:
+        """(generation, build_id) as the manifest on disk says now, unchecked; None if unreadable:
+        what tells a check that a change was committed while it ran."""
+        try:
+            manifest = json.loads((self.path / MANIFEST).read_text(encoding="utf-8"))
+            return manifest.get("generation"), manifest.get("build_id")
+        except (OSError, ValueError, AttributeError):
+            return None
+
     def load(self, check_faiss: bool = True) -> tuple[dict[str, Any], np.ndarray, np.ndarray, Path]:
         """(manifest, vectors, ids, faiss path) of the current generation, checked.
 
@@ -317,25 +331,43 @@ class IndexDir:
 
     @contextlib.contextmanager
     def lock(self, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
-        """Hold the index's write lock; IndexBusyError if another process keeps it too long."""
-        try:
-            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:  # a read-only or foreign directory: the index can be searched, not changed
-            raise StoreError(f"{self.path}: cannot change the index here ({exc.strerror or exc}); "
-                             "copy it somewhere writable to change it", subject=str(self.path)) from exc
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
+        """Hold the index's write lock; IndexBusyError if another process keeps it too long.
+
+        The lock is a file in the directory, so a directory that ``create`` replaced (``build
+        --force``, which holds the old one's lock for the swap) while this waited is locked again:
+        the lock held is always the live directory's."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:  # a read-only or foreign directory: the index can be searched, not changed
+                raise StoreError(f"{self.path}: cannot change the index here ({exc.strerror or exc}); "
+                                 "copy it somewhere writable to change it", subject=str(self.path)) from exc
+            try:
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            raise IndexBusyError(
+                                f"{self.path}: index is being changed by another process; try again when it is done",
+                                subject=str(self.path),
+                            ) from None
+                        time.sleep(0.05)
+                held = os.fstat(fd)
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise IndexBusyError(
-                            f"{self.path}: index is being changed by another process; try again when it is done",
-                            subject=str(self.path),
-                        ) from None
-                    time.sleep(0.05)
+                    live = os.stat(self.path / LOCK)
+                    current = (live.st_dev, live.st_ino) == (held.st_dev, held.st_ino)
+                except FileNotFoundError:
+                    current = False
+            except BaseException:
+                os.close(fd)
+                raise
+            if current:
+                break
+            os.close(fd)  # the directory was replaced meanwhile: lock the new one
+        try:
             yield
         finally:
             os.close(fd)  # closing releases the lock
@@ -390,12 +422,15 @@ class IndexDir:
             new._commit(manifest, vectors, ids, write_faiss, added=items, removed=[], local=local)
             _fsync_dir(staging)
             if target.exists():
-                # One atomic swap where the file system has it, so a crash leaves the old or the new index.
-                if not _exchange(staging, target):
-                    old = target.with_name(f".{target.name}.building-{os.getpid()}-old")
-                    os.rename(target, old)
-                    os.rename(staging, target)
-                    staging = old
+                # One atomic swap where the file system has it, so a crash leaves the old or the new index;
+                # under the old index's lock, so that no change of it is half made into the new one (a
+                # writer waiting for that lock then locks the new directory: see ``lock``).
+                with IndexDir(target).lock() if (target / MANIFEST).exists() else contextlib.nullcontext():
+                    if not _exchange(staging, target):
+                        old = target.with_name(f".{target.name}.building-{os.getpid()}-old")
+                        os.rename(target, old)
+                        os.rename(staging, target)
+                        staging = old
             else:
                 os.rename(staging, target)
             _fsync_dir(target.parent)
@@ -618,6 +653,46 @@ class IndexDir:
             elif _sha256(path) != info.get("sha256"):
                 problems.append(f"{name} does not match its sha256")
         return problems
+
+    def keep_upload(self, data: bytes, suffix: str) -> Path:
+        """Store an image sent to the service in ``uploads/`` under a name made of its content,
+        and return its absolute path (the image of an item about to be added). Under the writers'
+        lock, as ``sweep_uploads`` is: a file already there is kept and its time renewed, so a
+        sweep never deletes the image of an add in flight, in this process or another."""
+        folder = self.path.absolute() / UPLOADS
+        path = folder / f"{hashlib.sha256(data).hexdigest()[:32]}{suffix}"
+        with self.lock():
+            try:
+                folder.mkdir(exist_ok=True)
+                if path.exists():
+                    os.utime(path)
+                else:
+                    _write_atomic(path, lambda f: f.write(data))
+            except OSError as exc:
+                raise _disk_error(self.path, exc, "store the uploaded image") from exc
+        return path
+
+    def sweep_uploads(self, grace_s: float = UPLOAD_GRACE_S) -> int:
+        """Delete the uploaded images no item of the index uses, kept longer than ``grace_s``
+        ago; how many."""
+        folder = self.path / UPLOADS
+        if not folder.is_dir():
+            return 0
+        deleted = 0
+        with self.lock():
+            conn = self.connect()
+            try:
+                used = {os.path.basename(image) for (image,) in conn.execute(
+                    "SELECT image FROM items WHERE removed_gen IS NULL AND image LIKE ?", (f"%{UPLOADS}%",))}
+            finally:
+                conn.close()
+            old = time.time() - grace_s
+            for path in folder.iterdir():
+                with contextlib.suppress(OSError):
+                    if path.name not in used and path.stat().st_mtime < old:
+                        path.unlink()
+                        deleted += 1
+        return deleted
 
     def disk_size(self) -> int:
         return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())

@@ -40,6 +40,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Match
@@ -71,11 +72,11 @@ from .metrics import Metrics
 log = logging.getLogger("lookalike.server")
 
 STATIC = Path(__file__).parent / "static"
-UPLOADS = "uploads"  # folder in the index directory for images added by upload
 DRAIN_LIMIT = 256 * 1024 * 1024  # bytes of a refused upload read and dropped before answering 413
 SETTINGS_ENV = "LOOKALIKE_SERVE_SETTINGS"  # how `serve --workers N` hands the settings to each worker
+# img-src also http: and https:: the thumbnail of an item whose image is a URL is a redirect there
 PAGE_CSP = (
-    "default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; script-src 'self'; "
+    "default-src 'self'; img-src 'self' data: blob: https: http:; media-src 'self' blob:; script-src 'self'; "
     "style-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 )
 PAGE_HEADERS = {"Content-Security-Policy": PAGE_CSP, "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
@@ -101,6 +102,7 @@ class ServerSettings:
     cors_origins: tuple[str, ...] = ()  # origins allowed to call the API from a browser (CORS); none by default
     max_queue: int = 32  # requests waiting for a model slot; one more is answered 429
     upload_memory_bytes: int = 0  # request bodies held at once; 0: 4 x max_upload_bytes; over it, 429
+    body_timeout_s: float = 20.0  # a request body that goes this long without a byte is answered 408
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins or ()))
@@ -391,14 +393,19 @@ class SharedIndex:
         self.lock = ReadWriteLock()
         self.compute = threading.BoundedSemaphore(usable_cpus())  # model calls at once
         self._checked = time.monotonic()
+        self._problem: StoreError | None = None  # what the last look at the index on disk found wrong
         self._refresh_lock = threading.Lock()
         self._thumbs: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
         self._thumbs_lock = threading.Lock()
         self.vs.warm_up()  # the model loaded and run, the vote made: the first query as fast as the others
 
     def _maybe_refresh(self) -> None:
-        """Follow the index on disk, at most every ``refresh_seconds`` (a search need not wait for it)."""
+        """Follow the index on disk, at most every ``refresh_seconds`` (a search need not wait for
+        it). An index the last look found gone or damaged stays so until a look finds it back:
+        searches between two looks answer as the last look did, not from memory."""
         if time.monotonic() - self._checked < self.settings.refresh_seconds or not self._refresh_lock.acquire(blocking=False):
+            if self._problem is not None:
+                raise StoreError(str(self._problem), subject=self._problem.subject)
             return
         try:
             self._follow()
@@ -412,10 +419,15 @@ class SharedIndex:
 
     def _follow(self) -> None:
         self._checked = time.monotonic()
-        if self.vs.stale():
-            with self.lock.write():
-                if self.vs.refresh():
-                    log.info("switched to generation %s (%s items)", self.vs.generation, len(self.vs))
+        try:
+            if self.vs.stale():
+                with self.lock.write():
+                    if self.vs.refresh():
+                        log.info("switched to generation %s (%s items)", self.vs.generation, len(self.vs))
+        except StoreError as exc:
+            self._problem = exc
+            raise
+        self._problem = None
 
     @contextmanager
     def reading(self) -> Iterator[VisualSearch]:
@@ -720,6 +732,11 @@ def create_app(settings: ServerSettings):
                 headers["Allow"] = ", ".join(methods)
         return error_response(exc.status_code, phrase, detail, headers or None)
 
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect):  # the client left mid-upload: not our error
+        metrics.count("client_disconnects")
+        return Response(status_code=499)  # nginx's "client closed request": no one reads it, the metrics count it
+
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):  # a 500 is a bug: log it, answer in our shape
         log.exception("unexpected error on %s %s", request.method, request.url.path)
@@ -728,7 +745,8 @@ def create_app(settings: ServerSettings):
     # Outermost first: HEAD as GET, security headers on every answer, then CORS (only when origins
     # are named), then the body limits and metrics.
     guard_budget = BodyBudget(settings.body_budget)
-    app.add_middleware(_Guard, max_body=settings.max_upload_bytes, metrics=metrics, budget=guard_budget)
+    app.add_middleware(_Guard, max_body=settings.max_upload_bytes, metrics=metrics, budget=guard_budget,
+                       body_timeout=settings.body_timeout_s)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST", "DELETE"],
@@ -813,6 +831,7 @@ def create_app(settings: ServerSettings):
     ) -> tuple[list[dict[str, Any]], int]:
         # One image decoded and featurized at a time, outside the index lock: a request's memory is
         # one decoded image however many it sends, and writers wait only for the index search.
+        build = shared.vs.manifest.get("build_id")  # an index rebuilt in its place meanwhile: see the end
         featurizer = shared.vs.featurizer
         draft = featurizer.draft_size(regions)
         if verify and not shared.vs.has_local_features:
@@ -861,6 +880,9 @@ def create_app(settings: ServerSettings):
                                          local=[local[i] for i in todo] if verifying else None)
                 generation = vs.generation
             settled.update(zip(todo, hits))
+        if shared.vs.manifest.get("build_id") != build:  # vectors of the old model, searched in the new index
+            raise HTTPError(503, "index rebuilt", "the index was rebuilt in its place while this query ran; send "
+                            "it again", headers={"Retry-After": "1"})
         results = []
         for i, q in enumerate(queries):  # SearchResult's own JSON (skipped_looks only with a budget), with image URLs
             result = SearchResult(q.name, VisualSearch.passing(settled[i], min_score),
@@ -1006,7 +1028,7 @@ def create_app(settings: ServerSettings):
         k_ = _int_param(k if k is not None else settings.k, "k", 1, settings.max_k)
 
         def run() -> list[dict[str, Any]]:
-            vectors = _finite_vectors(sagemaker.parse_request(raw, request.headers.get("content-type")))
+            vectors = _finite_vectors(sagemaker.parse_request(raw, request.headers.get("content-type"), dim=shared.vs.dim))
             with shared.reading() as vs:
                 results = vs.search(list(vectors), k=k_)
             results = [results] if isinstance(results, SearchResult) else results
@@ -1179,29 +1201,20 @@ def create_app(settings: ServerSettings):
                 raise QueryError(f"label {str(label)[:40]!r} and the metadata's label {str(metadata['label'])[:40]!r} differ; "
                                  "give one of them (the label is the metadata's 'label')")
             metadata["label"] = str(label)
-        written = new_file = None
         with shared.writing() as vs:
             if vs.get(item_id) is not None:
                 raise HTTPError(409, "already exists", f"an item with id {item_id!r} is already in the index; delete it first")
-            if data is not None:
-                folder = vs.path / UPLOADS
-                folder.mkdir(exist_ok=True)
-                written = folder / f"{digest[:32]}{suffix}"
-                new_file = not written.exists()
-                if new_file:
-                    tmp = written.with_suffix(".tmp")
-                    tmp.write_bytes(data)
-                    os.replace(tmp, written)
-                image = str(written)
-            else:
-                image = url
+            # The image is kept by content (an absolute path, whatever folder the service runs in); one
+            # another request or worker also uses is never deleted: sweeps delete only unused ones.
+            image = vs.keep_upload(data, suffix) if data is not None else url
             item = Item(id=item_id, image=image, label=str(label) if label is not None else None, metadata=metadata, row="request")
             try:
                 with shared.compute:
                     vs.add([item], strict=True)
-            except LookalikeError:
-                if new_file:
-                    written.unlink(missing_ok=True)
+            except CatalogError as exc:
+                if vs.get(item_id) is not None:  # another worker added this id meanwhile: as in one worker
+                    raise HTTPError(409, "already exists", f"an item with id {item_id!r} is already in the index; "
+                                    "delete it first") from exc
                 raise
             return {**_item_dict(vs.get(item_id)), "generation": vs.generation, "items": len(vs)}
 
@@ -1222,7 +1235,12 @@ def create_app(settings: ServerSettings):
             with shared.writing() as vs:
                 if vs.get(item_id) is None:
                     raise HTTPError(404, "not found", f"no item with id {item_id!r}")
-                vs.remove([item_id])
+                try:
+                    vs.remove([item_id])
+                except CatalogError as exc:  # another worker removed it meanwhile: as in one worker
+                    raise HTTPError(404, "not found", f"no item with id {item_id!r}") from exc
+                with contextlib.suppress(LookalikeError):  # its uploaded image, unless another item uses it
+                    vs.sweep_uploads()
                 return {"removed": item_id, "generation": vs.generation, "items": len(vs)}
 
         return await run_in_threadpool(run)
@@ -1366,8 +1384,9 @@ class _SecurityHeaders:
 class _Guard:
     """ASGI middleware: refuses bodies over the limit (413) or over the memory budget (429), counts and times requests."""
 
-    def __init__(self, app, max_body: int, metrics: Metrics, budget: BodyBudget):
+    def __init__(self, app, max_body: int, metrics: Metrics, budget: BodyBudget, body_timeout: float):
         self.app, self.max_body, self.metrics, self.budget = app, max_body, metrics, budget
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -1409,16 +1428,24 @@ class _Guard:
         except ValueError:
             declared = None
         received = reserved = 0
+        body_done = method in ("GET", "HEAD", "OPTIONS") and declared is None
 
         async def receive_limited():
-            nonlocal received, reserved
-            message = await receive()
+            # The budget counts bytes as they arrive, not as declared: a client that declares a large
+            # body and sends nothing holds nothing; one that stops sending is let go after body_timeout.
+            nonlocal received, reserved, body_done
+            if body_done:  # the body is in: what follows is the wait for a disconnect
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except asyncio.TimeoutError:
+                raise _BodyStalled() from None
             if message["type"] == "http.request":
-                n = len(message.get("body", b""))
-                received += n
+                received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_body:
                     raise _BodyTooLarge()
-                if received > reserved:  # a chunked body: reserve as it arrives
+                if received > reserved:
                     if not self.budget.reserve(received - reserved):
                         raise _OverBudget()
                     reserved = received
@@ -1427,12 +1454,19 @@ class _Guard:
         try:
             if declared is not None and declared > self.max_body:
                 await refuse(413, "request too large", limit_text + f": it declares {declared} bytes")
-            elif declared and not self.budget.reserve(declared):
-                await refuse(429, "too many requests", busy_text, retry)
             else:
-                reserved = declared or 0
                 try:
                     await self.app(scope, receive_limited, send_wrapper)
+                except _BodyStalled:
+                    if state["started"]:
+                        raise
+                    body = json.dumps({"error": "request timeout", "detail": f"no part of the request body came "
+                                       f"for {self.body_timeout:g} s; send it again"}).encode()
+                    self.metrics.count("stalled_uploads")
+                    await send_wrapper({"type": "http.response.start", "status": 408, "headers": [
+                        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                        (b"connection", b"close")]})
+                    await send({"type": "http.response.body", "body": body})
                 except _BodyTooLarge:
                     if state["started"]:
                         raise
@@ -1453,6 +1487,10 @@ class _BodyTooLarge(Exception):
 
 
 class _OverBudget(Exception):
+    pass
+
+
+class _BodyStalled(Exception):
     pass
 
 

@@ -30,6 +30,7 @@ from ..errors import QueryError, one_line
 REQUEST_TYPES = ("text/csv", "application/json", "application/jsonlines")
 RESPONSE_TYPES = ("application/json", "application/jsonlines")
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # a larger feature would become infinity
+MAX_RECORDS = 1000  # feature vectors one request may hold (SageMaker's 6 MB payloads hold about 500 of 1,280)
 
 
 class UnsupportedMediaType(QueryError):
@@ -63,8 +64,10 @@ class MediaType:
         return self.params.get("verbose") in ("true", "1", "yes")
 
 
-def parse_request(body: bytes, content_type: str | None) -> np.ndarray:
-    """The request's feature vectors as float32 [n, d]; QueryError naming the bad record."""
+def parse_request(body: bytes, content_type: str | None, dim: int | None = None,
+                  max_records: int = MAX_RECORDS) -> np.ndarray:
+    """The request's feature vectors as float32 [n, d]; QueryError naming the first bad record
+    (one of another length than ``dim``, where given) or saying there are over ``max_records``."""
     media = MediaType.parse(content_type, "application/json")
     if media.type not in REQUEST_TYPES:
         raise UnsupportedMediaType(
@@ -75,32 +78,48 @@ def parse_request(body: bytes, content_type: str | None) -> np.ndarray:
     except (UnicodeError, LookupError) as exc:  # UnicodeError: e.g. charset=undefined or idna
         charset = media.params.get("charset", "utf-8")
         raise QueryError(one_line(f"request body is not {charset} text ({exc})")) from None
-    if media.type == "text/csv":
-        rows = [_csv_row(line, n) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
-    elif media.type == "application/json":
+    text = text.removeprefix("\ufeff")  # the byte-order mark a spreadsheet program writes first
+    if media.type == "application/json":
         doc = _json(text, "request body")
         instances = doc.get("instances") if isinstance(doc, dict) else None
         if not isinstance(instances, list):
             raise QueryError('a JSON request must be an object with an "instances" list')
-        rows = [_record(r, f"instance {n}") for n, r in enumerate(instances, start=1)]
+        records = [(f"instance {n}", r) for n, r in enumerate(instances, start=1)]
     else:
-        rows = [_record(_json(line, f"line {n}"), f"line {n}") for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
-    if not rows:
+        records = [(f"line {n}", line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if not records:
         raise QueryError("the request holds no feature vectors")
-    dims = {len(r) for r in rows}
-    if len(dims) > 1:
-        raise QueryError(f"the request's vectors have different lengths ({', '.join(map(str, sorted(dims)))})")
-    return np.asarray(rows, dtype=np.float32)
+    if len(records) > max_records:
+        raise QueryError(f"the request holds {len(records)} feature vectors; send at most {max_records} a request")
+    out = None
+    for row, (where, record) in enumerate(records):
+        if media.type == "text/csv":
+            values = _csv_row(record, where)
+        else:
+            values = _record(_json(record, where) if media.type == "application/jsonlines" else record, where)
+        expected = dim or (out.shape[1] if out is not None else len(values))
+        if len(values) != expected:
+            whose = "the index's vectors have" if dim else "the request's first vector has"
+            raise QueryError(f"{where}: a vector of dimension {len(values)}, but {whose} dimension {expected}")
+        if out is None:
+            out = np.empty((len(records), expected), np.float32)
+        out[row] = values
+    return out
 
 
-def _csv_row(line: str, n: int) -> list[float]:
+def _csv_row(line: str, where: str) -> list[float]:
     values = []
     for cell in line.split(","):
+        cell = cell.strip()
+        if len(cell) >= 2 and cell[0] == cell[-1] == '"':  # a quoted cell, as spreadsheets may write
+            cell = cell[1:-1].strip()
         try:
+            if "_" in cell:  # float() reads 1_0 as 10: not a number a CSV writer makes
+                raise ValueError
             values.append(float(cell))
         except ValueError:
-            raise QueryError(f"line {n}: {cell.strip()[:40]!r} is not a number") from None
-    return _finite(values, f"line {n}")
+            raise QueryError(f"{where}: {cell[:40]!r} is not a number") from None
+    return _finite(values, where)
 
 
 def _json(text: str, where: str) -> Any:
