@@ -321,6 +321,35 @@ def test_api_error_is_shown_readably(browser, server, tmp_path):
         assert page.locator("#results .hit").count() == 0  # the old matches are not left standing
 
 
+def test_the_badge_says_when_the_index_goes_away_and_comes_back(browser, sample_copy):
+    """The page keeps checking /readyz (it had stopped after a minute, and said "index loading…"
+    for an index that was gone): a search answered 503 shows at the top at once, and the badge
+    comes back by itself once the index does."""
+    from conftest import Server
+
+    srv = Server(sample_copy)
+    manifest = sample_copy / "lookalike.json"
+    good = manifest.read_bytes()
+    try:
+        with open_page(browser, srv.url + "/") as page:
+            wait_ready(page)
+            manifest.write_bytes(good[:-20])  # damaged under the running service
+            time.sleep(1.2)  # past the service's once-a-second look at the disk
+            page.set_input_files("#file-input", str(SAMPLE / "images" / "2246.jpg"))
+            page.wait_for_selector("#status.error")
+            page.wait_for_selector("#ready.bad")
+            assert page.locator("#ready").inner_text() == "index unavailable"
+            assert "lookalike.json" in page.locator("#ready").get_attribute("title")
+            manifest.write_bytes(good)
+            page.wait_for_selector("#ready.ok")
+            assert page.locator("#ready").inner_text() == "300 items indexed"
+            page.set_input_files("#file-input", str(SAMPLE / "images" / "2246.jpg"))
+            wait_for_top(page, "2246")
+    finally:
+        manifest.write_bytes(good)
+        srv.stop()
+
+
 # --- camera ----------------------------------------------------------------------------------
 
 # Counts the /search requests in flight, and makes each take 250 ms or more: slower than the

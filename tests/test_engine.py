@@ -57,6 +57,17 @@ def test_a_batch_of_vectors_and_k_beyond_the_catalog(sample_index):
     assert len({h.id for h in results[0].hits}) == 300
 
 
+def test_a_vector_of_zeros_is_refused_under_cosine(sample_index):
+    # it had "found" items in arbitrary order, each at score 0
+    vs = VisualSearch.open(sample_index)
+    vectors = vs.featurize([QUERY, QUERY])
+    vectors[1] = 0.0
+    with pytest.raises(QueryError, match="query 2: a vector of zeros has no direction"):
+        vs.search(vectors, k=3)
+    with pytest.raises(QueryError, match="query 1: a vector of zeros"):
+        vs.search_vectors(np.zeros((1, 1280), np.float32), k=3)
+
+
 def test_filter_is_applied_inside_the_search(sample_index):
     vs = VisualSearch.open(sample_index)
     r = vs.search(QUERY, k=5, filter={"label": "Watches"})

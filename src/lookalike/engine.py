@@ -701,11 +701,15 @@ class VisualSearch:
         shortlist is verified: the global best VERIFY_SHORTLIST, and when none of those verifies,
         the items its descriptors vote for too; ``looks`` keeps, per query, what that found, for
         the query's next look."""
+        regions = vectors.shape[1] if vectors.ndim == 3 else 0
+        flat = vectors.reshape(-1, vectors.shape[-1])
+        if self.metric == "cosine" and not np.any(flat, axis=1).all():
+            first = int(np.flatnonzero(~np.any(flat, axis=1))[0]) // max(regions, 1)
+            raise QueryError(f"query {first + 1}: a vector of zeros has no direction, so cosine similarity "
+                             "cannot rank the catalog by it", subject=first + 1)
         subset = self._subset(filter)
         if subset is not None and len(subset) == 0:
             return [[] for _ in range(len(vectors))]
-        regions = vectors.shape[1] if vectors.ndim == 3 else 0
-        flat = vectors.reshape(-1, vectors.shape[-1])
         if expand:
             flat = self._expanded(flat, expand, subset=subset)
         shortlist = max(k, VERIFY_SHORTLIST) if local is not None else k

@@ -42,7 +42,8 @@
   }
 
   function options() {
-    const k = Math.max(1, Math.min(100, parseInt(el.k.value, 10) || 5));
+    const asked = Number(el.k.value); // "1e2" is 100, "0" is at least 1 (parseInt read them as 1 and 5)
+    const k = el.k.value.trim() === "" || !Number.isFinite(asked) ? 5 : Math.max(1, Math.min(100, Math.round(asked)));
     const raw = el.minScore.value.trim();
     const minScore = raw === "" ? null : Number(raw);
     return { k, minScore: Number.isFinite(minScore) ? minScore : null };
@@ -82,6 +83,7 @@
       data = null;
     }
     if (!response.ok) {
+      if (response.status === 503) checkReady(); // the index went away: say so at the top too
       let msg = `The server said ${response.status}${response.statusText ? " " + response.statusText : ""}`;
       if (data && (data.error || data.detail)) {
         const detail = typeof data.detail === "string" ? data.detail : data.detail ? JSON.stringify(data.detail) : "";
@@ -153,6 +155,7 @@
     img.alt = title;
     setText(li.querySelector(".rank"), String(rank));
     setText(li.querySelector(".title"), title);
+    li.querySelector(".title").title = title; // shortened to three lines on the card
     setText(li.querySelector(".score"), scoreText);
     const loc = li.querySelector(".location");
     const locText = md.location != null && md.location !== "" ? String(md.location) : "";
@@ -176,6 +179,7 @@
         dt.textContent = key;
         const dd = document.createElement("dd");
         dd.textContent = value;
+        dd.title = value;
         div.append(dt, dd);
         frag.append(div);
       }
@@ -588,7 +592,13 @@
 
   // ---- readiness --------------------------------------------------------------------------
 
-  async function checkReady(attempt = 0) {
+  // Checked for as long as the page is open: every 2 s while the index cannot be searched, every
+  // 15 s while it can (it may be deleted, damaged or rebuilt under the service), and at once when
+  // a search is answered 503.
+  let readyTimer = null;
+  async function checkReady() {
+    clearTimeout(readyTimer);
+    let ok = false;
     try {
       const r = await fetch(new URL("readyz", document.baseURI), { cache: "no-store" });
       const data = await r.json().catch(() => ({}));
@@ -596,14 +606,19 @@
         const n = typeof data.items === "number" ? data.items : typeof data.count === "number" ? data.count : null;
         el.ready.textContent = n === null ? "ready" : `${n.toLocaleString()} item${n === 1 ? "" : "s"} indexed`;
         el.ready.className = "ready ok";
-        return;
+        el.ready.title = "";
+        ok = true;
+      } else {
+        el.ready.textContent = r.status === 503 ? "index unavailable" : "index not ready";
+        el.ready.className = "ready bad";
+        el.ready.title = typeof data.detail === "string" ? data.detail : "";
       }
-      el.ready.textContent = "index loading…";
     } catch (_) {
       el.ready.textContent = "server unreachable";
       el.ready.className = "ready bad";
+      el.ready.title = "";
     }
-    if (attempt < 30) setTimeout(() => checkReady(attempt + 1), 2000);
+    readyTimer = setTimeout(checkReady, ok ? 15000 : 2000);
   }
 
   if (!window.isSecureContext) {
