@@ -350,6 +350,14 @@ def test_the_badge_says_when_the_index_goes_away_and_comes_back(browser, sample_
         srv.stop()
 
 
+def test_the_api_docs_render_without_the_internet(browser, server):
+    # Swagger UI's files come from the service itself (FastAPI's /docs loads them from a CDN)
+    with open_page(browser, server.url + "/docs") as page:
+        page.wait_for_selector(".opblock-summary-path")
+        paths = page.locator(".opblock-summary-path").all_inner_texts()
+        assert {"/search", "/invocations", "/readyz"} <= {p.replace("\u200b", "") for p in paths}
+
+
 # --- camera ----------------------------------------------------------------------------------
 
 # Counts the /search requests in flight, and makes each take 250 ms or more: slower than the

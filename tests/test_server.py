@@ -524,7 +524,10 @@ def test_health_metrics_and_docs(client):
     spec = client.get("/openapi.json").json()
     assert {"/search", "/invocations", "/items", "/items/{item_id}", "/readyz", "/metrics"} <= set(spec["paths"]) | {
         p.replace(":path", "") for p in spec["paths"]}
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in docs.text and "cdn." not in docs.text
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):  # served from here: the docs work offline
+        assert client.get(f"/docs-assets/{asset}").status_code == 200
 
 
 def test_several_workers_serve_the_same_index(sample_index):

@@ -34,6 +34,7 @@ from urllib.parse import quote
 import numpy as np
 from fastapi import FastAPI, Path as PathParam, Query as QueryParam, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -671,6 +672,7 @@ def create_app(settings: ServerSettings):
     policy = settings.policy()
     gate = Gate(usable_cpus(), settings.max_queue)
     app = FastAPI(
+        docs_url=None,  # /docs is made below, with Swagger UI's files served from here
         title="lookalike",
         version=__version__,
         description="Visual search: send a picture of a thing, get the catalog items that look most like it.\n\n"
@@ -1298,6 +1300,18 @@ def create_app(settings: ServerSettings):
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
+    # The API docs page with Swagger UI's files from the fastapi-offline package, so that it works
+    # offline (FastAPI's own /docs loads them from a CDN); without the package, from the CDN.
+    docs_assets = _swagger_ui_files()
+    if docs_assets is not None:
+        app.mount("/docs-assets", StaticFiles(directory=docs_assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        local = {"swagger_js_url": "/docs-assets/swagger-ui-bundle.js", "swagger_css_url": "/docs-assets/swagger-ui.css",
+                 "swagger_favicon_url": "/docs-assets/favicon.png"} if docs_assets is not None else {}
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="lookalike API", **local)
+
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
@@ -1309,6 +1323,18 @@ def create_app(settings: ServerSettings):
 
     app.openapi = openapi
     return app
+
+
+def _swagger_ui_files() -> Path | None:
+    """The folder of Swagger UI's files (a version that reads OpenAPI 3.1, FastAPI's) that the
+    fastapi-offline package ships, or None."""
+    import importlib.util
+
+    found = importlib.util.find_spec("fastapi_offline")
+    if found is None or not found.submodule_search_locations:
+        return None
+    path = Path(list(found.submodule_search_locations)[0]) / "static"
+    return path if (path / "swagger-ui-bundle.js").is_file() and (path / "swagger-ui.css").is_file() else None
 
 
 def _names_image(request: Request, item_id: str) -> bool:
