@@ -479,8 +479,10 @@ def test_a_record_of_the_wrong_length_is_refused_before_room_is_made_for_all():
 
 
 def test_a_request_of_more_records_than_the_limit_is_refused():
-    with pytest.raises(QueryError, match="holds 1001 feature vectors; send at most 1000"):
+    with pytest.raises(QueryError, match="holds more than 1000 feature vectors; send at most 1000"):
         parse_request(b"1,2\n" * 1001, "text/csv")
+    with pytest.raises(QueryError, match="holds more than 1000"):
+        parse_request(b'{"instances": [' + b", ".join([b'{"features": [1]}'] * 1001) + b"]}", "application/json")
     assert parse_request(b"1,2\n" * 1000, "text/csv").shape == (1000, 2)
 
 
