@@ -235,7 +235,7 @@
   el.queryImage.addEventListener("error", () => {
     // not a picture the browser can show (the server will say what is wrong with it)
     el.queryImage.hidden = true;
-    if (!camera.running) el.dropHint.hidden = false;
+    if (!camera.running && !lastQuery) el.dropHint.hidden = false; // not beside the matches of a query (e.g. a TIFF)
   });
 
   function showQueryImage(blob) {
@@ -319,7 +319,10 @@
     document.body.classList.remove("dragging");
     const file = e.dataTransfer && imageFromList(e.dataTransfer.files, e.dataTransfer.items);
     if (file) searchImage(file, file.name || "dropped image");
-    else setStatus("That was not an image file: drop a photo (JPEG, PNG, …).", "error");
+    else {
+      clearResults(); // the matches on screen are not of what was dropped
+      setStatus("That was not an image file: drop a photo (JPEG, PNG, …).", "error");
+    }
   });
 
   // Paste an image from the clipboard.
