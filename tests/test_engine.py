@@ -68,6 +68,44 @@ def test_a_vector_of_zeros_is_refused_under_cosine(sample_index):
         vs.search_vectors(np.zeros((1, 1280), np.float32), k=3)
 
 
+def test_one_object_searched_from_threads_while_another_thread_adds_and_removes(sample_copy, tmp_path):
+    """A change reloads the index's item table: it had closed the old connection under searches
+    still reading it (a segmentation fault, or tracebacks in the searching threads)."""
+    import threading
+
+    vs = VisualSearch.open(sample_copy)
+    vector = vs.featurize(QUERY)[0]
+    rows = [[f"extra-{n}", str(SAMPLE / "queries" / name)] for n, name in enumerate(
+        ["jeans-18193.jpg", "sunglasses-23724.jpg", "watches-45260.jpg"])]
+    extra = write_csv(tmp_path / "extra.csv", ["id", "image"], rows)
+    problems, stop = [], threading.Event()
+
+    def searcher():
+        while not stop.is_set():
+            try:
+                hits = vs.search(vector, k=10).hits
+                assert len(hits) == 10 and all(h.metadata is not None for h in hits)
+            except Exception as exc:  # noqa: BLE001 - any failure is the finding
+                problems.append(repr(exc))
+                return
+
+    threads = [threading.Thread(target=searcher) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(6):
+            vs.add(extra)
+            vs.remove([r[0] for r in rows])
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert problems == [] and len(vs) == 300
+    vs.close()
+    with pytest.raises(StoreError, match="this VisualSearch was closed"):
+        vs.search(vector, k=1)
+
+
 def test_filter_is_applied_inside_the_search(sample_index):
     vs = VisualSearch.open(sample_index)
     r = vs.search(QUERY, k=5, filter={"label": "Watches"})

@@ -142,6 +142,7 @@ class VisualSearch:
         self._pool: ThreadPoolExecutor | None = None  # geometric verification, on every core
         self._vote: tuple[int, DescriptorVote | None] | None = None  # (generation, the descriptor vote)
         self._vote_lock = threading.Lock()
+        self._featurizer_lock = threading.Lock()
         self._look_search_ms: float | None = None  # moving average of a second look's search (``search_featurized``)
         self.build_report: Report | None = None
         self._reload()
@@ -430,8 +431,8 @@ class VisualSearch:
                 f"`lookalike doctor {self.path}` rebuilds it from the stored vectors",
                 subject=str(faiss_path),
             )
-        if self._items is not None:
-            self._items.close()
+        # The old table is not closed here: searches on other threads may still be reading it (closing
+        # a connection under them crashed the process); it closes when the last of them lets go.
         self._items = ItemTable(self._store, int(manifest["generation"]))
 
     def stale(self) -> bool:
@@ -448,12 +449,14 @@ class VisualSearch:
         return True
 
     def close(self) -> None:
-        """Let go of the files and connections this object holds (a Milvus Lite file: for other processes)."""
-        if getattr(self, "_index", None) is not None:
+        """Let go of the files and connections this object holds (a Milvus Lite file: for other
+        processes); using it afterwards is a StoreError that says so."""
+        if getattr(self, "_index", None) is not None and not isinstance(self._index, _Closed):
             self._index.close()
-        if self._items is not None:
+            self._index = _Closed(self.path)
+        if isinstance(self._items, ItemTable):
             self._items.close()
-            self._items = None
+            self._items = _Closed(self.path)
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
@@ -478,36 +481,42 @@ class VisualSearch:
 
     @property
     def featurizer(self) -> Featurizer:
-        """The model the index was built with (loaded on first use; weights must match)."""
+        """The model the index was built with (loaded on first use, once however many threads ask
+        at once; weights must match)."""
         if self._featurizer is None:
-            entry = self.manifest["model"]
-            w = entry.get("weights", {})
-            path = w.get("path") if w.get("source") == "file" else None
-            if w.get("source") == "file" and path and not Path(path).is_file():
-                raise ModelError(f"{self.path}: built with weights {path}, which no longer exist", subject=path)
-            resolved = resolve_weights(self.spec, path)
-            if w.get("sha256") and resolved.sha256 != w["sha256"]:
-                raise ModelError(
-                    f"{self.path}: built with {self.spec.name} weights {w['sha256'][:12]}, but the weights found "
-                    f"now ({resolved.path}) are {resolved.sha256[:12]}; rebuild the index or install the same weights",
-                    subject=str(self.path),
-                )
-            precision, model_file = entry.get("precision", "fp32"), None
-            if precision == "fp16":  # built on CUDA: the same fp32 model on the CPU
-                precision = "fp32"
-            if precision == "bf16" and self.device == "cpu" and not native_bf16():
-                warnings.warn(f"{self.path}: built in bf16, which this CPU does not compute natively; "
-                              "its queries run in fp32 (the same model, vectors within rounding)", stacklevel=2)
-                precision = "fp32"
-            if precision == "int8" and self.device == "cpu" and int8_saturates():
-                warnings.warn(f"{self.path}: built in int8, whose arithmetic overflows on this CPU (no VNNI); its "
-                              "queries run in fp32 (vectors about 0.99 cosine to the stored ones)", stacklevel=2)
-                precision = "fp32"
-            if precision == "int8":
-                model_file = self._int8_model(entry.get("model_file") or {})
-            self._featurizer = Featurizer(self.spec, resolved, device=self.device, policy=self.policy,
-                                          runtime=self.runtime, precision=precision, model_file=model_file)
+            with self._featurizer_lock:
+                if self._featurizer is None:
+                    self._featurizer = self._load_featurizer()
         return self._featurizer
+
+    def _load_featurizer(self) -> Featurizer:
+        entry = self.manifest["model"]
+        w = entry.get("weights", {})
+        path = w.get("path") if w.get("source") == "file" else None
+        if w.get("source") == "file" and path and not Path(path).is_file():
+            raise ModelError(f"{self.path}: built with weights {path}, which no longer exist", subject=path)
+        resolved = resolve_weights(self.spec, path)
+        if w.get("sha256") and resolved.sha256 != w["sha256"]:
+            raise ModelError(
+                f"{self.path}: built with {self.spec.name} weights {w['sha256'][:12]}, but the weights found "
+                f"now ({resolved.path}) are {resolved.sha256[:12]}; rebuild the index or install the same weights",
+                subject=str(self.path),
+            )
+        precision, model_file = entry.get("precision", "fp32"), None
+        if precision == "fp16":  # built on CUDA: the same fp32 model on the CPU
+            precision = "fp32"
+        if precision == "bf16" and self.device == "cpu" and not native_bf16():
+            warnings.warn(f"{self.path}: built in bf16, which this CPU does not compute natively; "
+                          "its queries run in fp32 (the same model, vectors within rounding)", stacklevel=3)
+            precision = "fp32"
+        if precision == "int8" and self.device == "cpu" and int8_saturates():
+            warnings.warn(f"{self.path}: built in int8, whose arithmetic overflows on this CPU (no VNNI); its "
+                          "queries run in fp32 (vectors about 0.99 cosine to the stored ones)", stacklevel=3)
+            precision = "fp32"
+        if precision == "int8":
+            model_file = self._int8_model(entry.get("model_file") or {})
+        return Featurizer(self.spec, resolved, device=self.device, policy=self.policy,
+                          runtime=self.runtime, precision=precision, model_file=model_file)
 
     def warm_up(self) -> None:
         """Make the first query as fast as the ones after it (``serve`` calls this at start-up):
@@ -1597,6 +1606,17 @@ def _query_vectors(vectors: Any, dim: int) -> np.ndarray:
         n, regions = vectors.shape[:2]
         return check_vectors(vectors.reshape(n * regions, -1), dim, "query vectors").reshape(n, regions, dim)
     return check_vectors(vectors, dim, "query vectors")
+
+
+class _Closed:
+    """What ``VisualSearch.close`` let go of: any use of it says so."""
+
+    def __init__(self, path: Path):
+        self._path = path
+
+    def __getattr__(self, name: str):
+        raise StoreError(f"{self._path}: this VisualSearch was closed; open the index again to use it",
+                         subject=str(self._path))
 
 
 @dataclass
