@@ -122,6 +122,7 @@ def test_a_second_build_of_the_same_output_is_refused_and_leaves_the_first_ones_
     first.release()
     assert run("build", SAMPLE / "catalog.csv", "-o", out, "-q", check=False).returncode == 0
     assert not first.path.exists() and not (tmp_path / ".idx.lookalike-build.lock").exists()
+    assert run("build", SAMPLE / "catalog.csv", "-o", tmp_path / "new" / "deeper" / "idx", "-q").returncode == 0  # folders made
 
 
 def test_a_shard_whose_images_changed_since_is_featurized_again(tmp_path):

@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from conftest import DATA, SAMPLE, Server
+from conftest import DATA, SAMPLE, Server, write_csv
 from lookalike import VisualSearch
 from lookalike.backends.milvus import MilvusIndex, backend_entry, client, filter_expression, release
 from lookalike.catalog import read_catalog
@@ -185,6 +185,22 @@ def test_scores_follow_the_same_conventions_as_faiss(metric, tmp_path):
         assert np.array_equal(got[2], want[2])
         assert np.allclose(got[0], want[0], atol=1e-4) and np.allclose(got[1], want[1], atol=1e-4)
     release(milvus_index.uri)
+
+
+def test_a_collection_of_another_index_is_not_taken(tmp_path):
+    """Two directories of one name share the default collection name: the second build had
+    replaced the first index's collection (which then answered with the other's vectors)."""
+    rows = list(csv.DictReader(open(SAMPLE / "catalog.csv")))
+    first = write_csv(tmp_path / "first.csv", ["id", "image"], [[r["id"], str(SAMPLE / r["image"])] for r in rows[:8]])
+    second = write_csv(tmp_path / "second.csv", ["id", "image"], [[r["id"], str(SAMPLE / r["image"])] for r in rows[8:16]])
+    db = ["--backend", "milvus", "--milvus-uri", tmp_path / "shared.db"]
+    run("build", first, "-o", tmp_path / "a" / "shop", *db, "-q")
+    taken = run("build", second, "-o", tmp_path / "b" / "shop", *db, "-q", check=False)
+    assert taken.returncode == 2 and "collection lookalike_shop in" in taken.stderr and "--collection" in taken.stderr
+    run("build", second, "-o", tmp_path / "b" / "shop", *db, "--collection", "shop_b", "-q")
+    run("build", first, "-o", tmp_path / "a" / "shop", *db, "--force", "-q")  # its own collection: rebuilt
+    hit = json.loads(run("search", tmp_path / "a" / "shop", SAMPLE / rows[2]["image"], "-k", "1", "--json").stdout)
+    assert hit[0]["hits"][0]["id"] == rows[2]["id"] and hit[0]["hits"][0]["score"] > 0.999
 
 
 def test_refusals_come_before_featurizing(tmp_path):

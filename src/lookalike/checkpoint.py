@@ -50,6 +50,7 @@ def _hold(path: Path) -> int | None:
     on the file that is at ``path`` now."""
     while True:
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)  # the output's folder may not exist yet
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise StoreError(f"{path.parent}: cannot write there ({exc.strerror or exc})", subject=str(path.parent)) from exc

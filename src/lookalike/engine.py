@@ -1423,11 +1423,23 @@ def _backend_entry(backend: str, milvus_uri: str | None, collection: str | None,
     if not milvus_uri:
         raise IndexError_("--backend milvus needs --milvus-uri: a Milvus Lite file (e.g. catalog.db) or a server "
                           "address (e.g. http://localhost:19530)")
-    from .backends.milvus import backend_entry, check_offered, client, default_collection
+    from .backends.milvus import backend_entry, check_offered, client, default_collection, has_collection
 
     check_offered(kind, whiten)
     entry = backend_entry(milvus_uri, collection or default_collection(path))
     client(entry["uri"])  # unreachable, or held by another process: said now, not after featurizing
+    # A collection of that name that is not this directory's index (rebuilt with --force) belongs to
+    # another index (two directories of one name share the default name): replacing it would
+    # leave that one searching this one's vectors with its own metadata.
+    try:
+        current = IndexDir(path).manifest()["index"].get("backend") or {}
+    except StoreError:
+        current = {}
+    ours = (current.get("uri"), current.get("collection")) == (entry["uri"], entry["collection"])
+    if not ours and has_collection(entry["uri"], entry["collection"]):
+        raise IndexError_(f"collection {entry['collection']} in {entry['uri']} already holds another index (of another "
+                          f"directory, or of one deleted since); name another with --collection, or drop that one "
+                          "first", subject=entry["collection"])
     return entry
 
 

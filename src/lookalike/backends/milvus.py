@@ -131,6 +131,12 @@ def client(uri: str):
     return _clients[key]
 
 
+def has_collection(uri: str, name: str) -> bool:
+    """Whether the database at ``uri`` holds a collection of that name."""
+    with _milvus(uri, f"look for collection {name}"):
+        return bool(client(uri).has_collection(name))
+
+
 def release(uri: str) -> None:
     """Close this process's client of ``uri``; a Milvus Lite file is then free for other processes
     (a later use here connects again)."""
