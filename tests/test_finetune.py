@@ -102,6 +102,13 @@ def test_finetune_keeps_the_best_epoch_and_build_uses_the_model_directory(tuned,
         (moved / MODEL_CONFIG).write_text(json.dumps(dict(config, preprocessing=dict(config["preprocessing"], **{key: bad}))))
         with pytest.raises(ModelError, match="lookalike-model.json: (input_size|unreadable)"):
             VisualSearch.build(gallery, tmp_path / "idx3", model=str(moved))
+    (moved / MODEL_CONFIG).write_text(json.dumps(config))
+    weights = moved / config["weights"]
+    data = bytearray(weights.read_bytes())
+    data[-100:] = bytes(100)  # damaged past the header: it still loads, with other numbers
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="damaged or changed"):
+        VisualSearch.build(gallery, tmp_path / "idx3", model=str(moved))
     shutil.rmtree(moved)
     again = VisualSearch.open(tmp_path / "idx2")
     assert again.info()["count"] == len(rows) - len(val)

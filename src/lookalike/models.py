@@ -204,7 +204,13 @@ def resolve_weights(spec: ModelSpec, weights: str | os.PathLike | None = None) -
                              subject=str(path))
         if not path.is_file():
             raise ModelError(f"{path}: weights file does not exist", subject=str(path))
-        return Weights("file", str(path.resolve()), file_sha256(path))
+        sha = file_sha256(path)
+        # A model directory's weights are named by the first 16 hex digits of their sha256 (finetune)
+        named = re.fullmatch(r"weights-([0-9a-f]{16})\.safetensors", path.name)
+        if weights == spec.weights_file and named and sha[:16] != named.group(1):
+            raise ModelError(f"{path}: damaged or changed (its sha256 begins {sha[:16]}, its name says "
+                             f"{named.group(1)}); fine-tune the model again or restore the file", subject=str(path))
+        return Weights("file", str(path.resolve()), sha)
     if spec.weights_package:
         module_name, _, class_name = spec.weights_package.partition(":")
         package = module_name.replace("_", "-")
