@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import shutil
@@ -104,6 +105,25 @@ def test_one_object_searched_from_threads_while_another_thread_adds_and_removes(
     vs.close()
     with pytest.raises(StoreError, match="this VisualSearch was closed"):
         vs.search(vector, k=1)
+
+
+def test_evaluate_counts_a_number_label_and_its_text_as_one(tmp_path):
+    # a JSONL query catalog's "year": 2011 against a CSV-built index's "2011": recall had been 0
+    every = list(csv.DictReader(open(SAMPLE / "catalog.csv")))
+    watches, shades = ([r for r in every if r["label"] == name][:6] for name in ("Watches", "Sunglasses"))
+    rows = watches[:4] + shades[:4] + watches[4:] + shades[4:]  # a gallery of 8, then 4 queries
+    code = {"Watches": 1, "Sunglasses": 2}
+    gallery = write_csv(tmp_path / "g.csv", ["id", "image", "label"],
+                        [[r["id"], str(SAMPLE / r["image"]), str(code[r["label"]])] for r in rows[:8]])
+    vs = VisualSearch.build(gallery, tmp_path / "idx", progress=False)
+    as_text = write_csv(tmp_path / "q.csv", ["id", "image", "label"],
+                        [[f"q{r['id']}", str(SAMPLE / r["image"]), str(code[r["label"]])] for r in rows[8:]])
+    as_numbers = tmp_path / "q.jsonl"
+    as_numbers.write_text("".join(json.dumps({"id": f"q{r['id']}", "image": str(SAMPLE / r["image"]),
+                                              "label": code[r["label"]]}) + "\n" for r in rows[8:]))
+    text, numbers = vs.evaluate(as_text, ks=(1, 5)), vs.evaluate(as_numbers, ks=(1, 5))
+    assert text["recall@5"] == 1.0 and text["recall@1"] >= 0.75  # watches and sunglasses look apart
+    assert (numbers["recall@1"], numbers["recall@5"], numbers["mAP"]) == (text["recall@1"], text["recall@5"], text["mAP"])
 
 
 def test_filter_is_applied_inside_the_search(sample_index):

@@ -1236,7 +1236,7 @@ class VisualSearch:
             raise CatalogError(f"{missing.row}: query {missing.id!r} has no {label!r}", subject=missing.id)
         start = time.perf_counter()
         rows = self._items.all_rows()
-        int_to_label = {r[0]: r[4].get(label) for r in rows}
+        int_to_label = {r[0]: _label_key(r[4].get(label)) for r in rows}
         stored = {r[1]: (r[0], r[3]) for r in rows}  # id -> (int_id, image)
         position = {int(i): p for p, i in enumerate(self._index.ids)}
 
@@ -1306,16 +1306,16 @@ class VisualSearch:
         def scored(chunk: np.ndarray, ranked: np.ndarray):
             """per_query's figures of these queries, from their rankings (int ids) [len(chunk), n]."""
             ranked_labels = np.vectorize(int_to_label.get, otypes=[object])(ranked) if ranked.size else ranked
-            query_labels = np.array([items[q].metadata[label] for q in chunk], dtype=object)
+            query_labels = np.array([_label_key(items[q].metadata[label]) for q in chunk], dtype=object)
             relevant = ranked_labels == query_labels[:, None]
             is_self = ranked == self_ids[chunk][:, None]
             if is_self.any():  # move each query's own item to the end of its ranking, as not relevant
                 order = np.argsort(is_self, axis=1, kind="stable")
                 relevant = np.take_along_axis(relevant, order, axis=1)
                 relevant[is_self.any(axis=1), -1] = False
-                positives = np.array([label_counts.get(items[q].metadata[label], 0) - (self_ids[q] >= 0) for q in chunk])
+                positives = np.array([label_counts.get(_label_key(items[q].metadata[label]), 0) - (self_ids[q] >= 0) for q in chunk])
             else:
-                positives = np.array([label_counts.get(items[q].metadata[label], 0) for q in chunk])
+                positives = np.array([label_counts.get(_label_key(items[q].metadata[label]), 0) for q in chunk])
             return per_query(relevant, positives, ks)
 
         chunks = []
@@ -1663,6 +1663,14 @@ def _verified_first(inliers: np.ndarray) -> np.ndarray:
     first; the others after them, in their own (global) order."""
     verified = inliers >= MIN_INLIERS
     return np.lexsort((np.arange(len(inliers)), -np.where(verified, inliers, 0), ~verified))
+
+
+def _label_key(value: Any) -> Any:
+    """A label as evaluate compares it: a number as its text (2011 and "2011" are one label, as a
+    filter finds either with the other: a CSV's labels are text, a JSONL's may be numbers)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return str(value)
+    return value
 
 
 def _spellings(value: Any) -> list[Any]:
