@@ -248,6 +248,19 @@ def test_classify_votes_and_breaks_ties_by_summed_score(sample_index):
         assert tie["label"] == tie["hits"][0]["metadata"]["label"]
 
 
+def test_classify_hears_only_the_hits_that_have_the_label(sample_index):
+    # items without the field had voted for None, and won over the hits that had one
+    from lookalike.engine import vote
+    from lookalike.types import Hit, SearchResult
+
+    hits = [Hit(1, "a", 0.9, 0.1, {}), Hit(2, "b", 0.8, 0.2, {"flag": "x"}), Hit(3, "c", 0.7, 0.3, {"flag": ""}),
+            Hit(4, "d", 0.6, 0.4, {"flag": 1}), Hit(5, "e", 0.5, 0.5, {"flag": True}), Hit(6, "f", 0.4, 0.6, {"flag": "1"})]
+    voted = vote(SearchResult("q", hits), "flag")
+    assert voted["label"] == "1" and voted["votes"]["1"]["count"] == 2  # 1 and "1" are one label; True is another
+    assert set(voted["votes"]) == {"1", "x", "True"}
+    assert vote(SearchResult("q", hits[:1]), "flag")["label"] is None
+
+
 def test_evaluate_leave_one_out_reuses_stored_vectors(sample_index):
     vs = VisualSearch.open(sample_index)
     result = vs.evaluate(SAMPLE / "catalog.csv", ks=[1, 5])

@@ -1727,11 +1727,16 @@ def _is_single(x: Any, dim: int) -> bool:
 
 
 def vote(result: SearchResult, label: str = "label") -> dict[str, Any]:
-    """Majority ``label`` among a result's hits, ties broken by the larger summed score; with the votes."""
+    """Majority ``label`` among a result's hits, ties broken by the larger summed score; with the votes.
+    A hit without the label has no vote; a number and its text are one label (as ``evaluate``
+    counts them; True is not 1)."""
     votes: dict[Any, int] = {}
     sums: dict[Any, float] = {}
     for h in result.hits:
         value = h.metadata.get(label)
+        if value is None or value == "":
+            continue
+        value = _label_key(value)
         votes[value] = votes.get(value, 0) + 1
         sums[value] = sums.get(value, 0.0) + h.score
     winner = max(votes, key=lambda v: (votes[v], sums[v])) if votes else None
