@@ -248,6 +248,23 @@ def test_classify_votes_and_breaks_ties_by_summed_score(sample_index):
         assert tie["label"] == tie["hits"][0]["metadata"]["label"]
 
 
+def test_items_made_in_python_are_read_as_catalog_rows(tmp_path):
+    # Item(label=...) alone: hits had no label, and filters, classify and evaluate found none; NaN
+    # metadata printed as NaN (not JSON); an empty id was taken
+    rows = list(csv.DictReader(open(SAMPLE / "catalog.csv")))[:4]
+    items = [Item(id=r["id"], image=str(SAMPLE / r["image"]), label=r["label"], metadata={"weight": float("nan")})
+             for r in rows]
+    vs = VisualSearch.build(items, tmp_path / "idx", progress=False)
+    hit = vs.search(SAMPLE / rows[1]["image"], k=1, filter={"label": rows[1]["label"]}).hits[0]
+    assert hit.id == rows[1]["id"] and hit.metadata == {"label": rows[1]["label"], "weight": None}
+    assert vs.classify(SAMPLE / rows[1]["image"], k=1)["label"] == rows[1]["label"]
+    assert vs.evaluate(leave_one_out=True)["queries"] == 4
+    with pytest.raises(CatalogError, match="item 1: an item's id must be a non-empty string"):
+        VisualSearch.build([Item(id=" ", image=str(SAMPLE / rows[0]["image"]))], tmp_path / "idx2", progress=False)
+    with pytest.raises(CatalogError, match="label 'A' and the metadata's label 'B' differ"):
+        vs.add([Item(id="new", image=str(SAMPLE / rows[0]["image"]), label="A", metadata={"label": "B"})])
+
+
 def test_classify_hears_only_the_hits_that_have_the_label(sample_index):
     # items without the field had voted for None, and won over the hits that had one
     from lookalike.engine import vote

@@ -1407,8 +1407,35 @@ def _items(catalog: Any) -> list[Item]:
     items = list(catalog)
     if not items or not all(isinstance(it, Item) for it in items):
         raise CatalogError("a catalog must be a path or a non-empty list of Item")
+    items = [_as_catalog_row(it, n) for n, it in enumerate(items, start=1)]
     check_unique(items)
     return items
+
+
+def _as_catalog_row(item: Item, n: int) -> Item:
+    """An Item made in Python as a catalog file's row is: a non-empty text id, its label also in
+    its metadata (where hits show it and filters, classify and evaluate look), and no NaN or
+    infinity in its metadata (None, as a JSONL catalog reads them: JSON has neither)."""
+    where = item.row or f"item {n}"
+    if not isinstance(item.id, str) or not item.id.strip():
+        raise CatalogError(f"{where}: an item's id must be a non-empty string, got {item.id!r}", subject=item.id)
+    metadata = _finite_json(dict(item.metadata or {}))
+    if item.label is not None:
+        if "label" in metadata and str(metadata["label"]) != str(item.label):
+            raise CatalogError(f"{where}: label {item.label!r} and the metadata's label {metadata['label']!r} differ",
+                               subject=item.id)
+        metadata.setdefault("label", item.label)
+    return replace(item, metadata=metadata, row=where)
+
+
+def _finite_json(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
 
 
 def _backend_entry(backend: str, milvus_uri: str | None, collection: str | None, path: Any,
