@@ -126,6 +126,19 @@ def test_evaluate_counts_a_number_label_and_its_text_as_one(tmp_path):
     assert (numbers["recall@1"], numbers["recall@5"], numbers["mAP"]) == (text["recall@1"], text["recall@5"], text["mAP"])
 
 
+def test_numpy_numbers_are_taken_as_numbers(sample_index, tmp_path):
+    # min_score=np.float32(0.5) was refused, and filter={"n": np.int64(2)} too ("not a int64")
+    vs = VisualSearch.open(sample_index)
+    assert vs.search(QUERY, k=5, min_score=np.float32(0.5)).hits == vs.search(QUERY, k=5, min_score=0.5).hits
+    rows = list(csv.DictReader(open(SAMPLE / "catalog.csv")))[:3]
+    small = tmp_path / "n.jsonl"
+    small.write_text("".join(json.dumps({"id": r["id"], "image": str(SAMPLE / r["image"]), "n": n}) + "\n"
+                             for n, r in enumerate(rows)))
+    numbered = VisualSearch.build(small, tmp_path / "idx", progress=False)
+    assert [h.id for h in numbered.search(QUERY, k=3, filter={"n": np.int64(2)}).hits] == [rows[2]["id"]]
+    assert len(numbered.search(QUERY, k=3, filter={"n": [np.int32(0), np.int64(1)]}).hits) == 2
+
+
 def test_filter_is_applied_inside_the_search(sample_index):
     vs = VisualSearch.open(sample_index)
     r = vs.search(QUERY, k=5, filter={"label": "Watches"})

@@ -245,6 +245,8 @@ def cmd_evaluate(args) -> int:
         ks = [int(k) for k in str(args.k).split(",") if k.strip()]
     except ValueError:
         raise LookalikeError(f"-k must be a comma-separated list of whole numbers, got {args.k!r}") from None
+    if (args.queries is None) == (not args.leave_one_out):  # the API's rule, in the command's words
+        raise LookalikeError("give a query catalog, or --leave-one-out to query the index with its own items; not both")
     orient, regions = _looks(args)
     result = vs.evaluate(args.queries, label=args.label, ks=ks, leave_one_out=args.leave_one_out,
                          expand=args.expand, orient=orient, verify=False if args.no_verify else None,
@@ -388,6 +390,13 @@ def _whole_number(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _non_negative_int(text: str) -> int:
+    value = _whole_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def _port(text: str) -> int:
@@ -577,7 +586,8 @@ def make_parser() -> argparse.ArgumentParser:
                    "camera photo shows an item")
     p.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="share of each label (with 3 items or "
                    f"more) held out to measure recall@1 (default {VAL_FRACTION})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, the augmentations and the training")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the split, the augmentations and the "
+                   "training (0 or more)")
     p.add_argument("--force", action="store_true", help="replace a model at MODEL_DIR even if it measured better, "
                    "or write into a directory that holds something else")
     p.set_defaults(func=cmd_finetune)

@@ -596,7 +596,9 @@ class VisualSearch:
         _check_orient(orient)
         _check_regions(regions)
         self.check_budget(budget_ms, orient, regions)
-        if min_score is not None and not (isinstance(min_score, (int, float)) and math.isfinite(min_score)):
+        min_score = _plain(min_score)
+        if min_score is not None and not (isinstance(min_score, (int, float)) and not isinstance(min_score, bool)
+                                          and math.isfinite(min_score)):
             raise QueryError(f"min_score must be a finite number, got {min_score!r}")
         sources, single = self._as_list(queries)
         names = self._names(sources)
@@ -686,6 +688,8 @@ class VisualSearch:
             return None
         if not isinstance(filter, dict):
             raise QueryError(f"filter must be a mapping of metadata field to value, got {type(filter).__name__}")
+        filter = {key: [_plain(v) for v in value] if isinstance(value, (list, tuple, set)) else _plain(value)
+                  for key, value in filter.items()}  # numpy's numbers as Python's
         for key, value in filter.items():
             for v in value if isinstance(value, (list, tuple, set)) else [value]:
                 if not (v is None or isinstance(v, (str, int, float, bool))):
@@ -1690,6 +1694,11 @@ def _verified_first(inliers: np.ndarray) -> np.ndarray:
     first; the others after them, in their own (global) order."""
     verified = inliers >= MIN_INLIERS
     return np.lexsort((np.arange(len(inliers)), -np.where(verified, inliers, 0), ~verified))
+
+
+def _plain(value: Any) -> Any:
+    """numpy's scalars (np.int64, np.float32, np.bool_ ...) as the Python number they hold."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _label_key(value: Any) -> Any:

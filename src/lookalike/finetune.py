@@ -134,8 +134,8 @@ def finetune(
     _check_out(out, force)
     spec = with_features(get_spec(base))
     if spec.weights_file:
-        raise ModelError(f"{base}: already a fine-tuned model; fine-tune from its base ({spec.arch}) instead",
-                         subject=base)
+        raise ModelError(f"{base}: already a fine-tuned model; fine-tune from its base "
+                         f"({read_model_config(spec.name)['base']}) instead", subject=base)
     weights = resolve_weights(spec)
     labelled, skipped = _labelled(items, label)
     train, val = _split(labelled, val_fraction, seed)
