@@ -293,6 +293,8 @@ BAD_CASES = {
     "queries and --leave-one-out": (["evaluate", "{index}", "{sample}", "--leave-one-out"], "not both"),
     "neither queries nor --leave-one-out": (["evaluate", "{index}"], "or --leave-one-out to query the index"),
     "negative seed": (["finetune", "{sample}", "--label", "label", "-o", "{tmp}/m", "--seed", "-1"], "must be 0 or more"),
+    "one catalog twice to finetune": (["finetune", "{sample}", "{sample}", "--label", "label", "-o", "{tmp}/m"],
+                                      "in the fine-tuning catalogs twice"),
     "bad image": (["search", "{index}", "{garbage}"], "not a recognised image"),
     "missing query": (["search", "{index}", "{tmp}/missing.jpg"], "does not exist"),
     "not an index": (["search", "{tmp}", "{query}"], "not a lookalike index"),

@@ -344,6 +344,12 @@ class VisualSearch:
         else:
             items = [it for c in catalogs for it in _items(c)]
             name = ", ".join(_name(c) for c in catalogs) or "<no catalog>"
+        seen: dict[str, Item] = {}
+        for it in items:  # one picture twice: its copy held out for validation would measure nothing
+            if it.image in seen:
+                raise CatalogError(f"{it.image}: in the fine-tuning catalogs twice ({seen[it.image].row} and {it.row}); "
+                                   "give each picture once", subject=it.image)
+            seen[it.image] = it
         if progress is True:
             from tqdm import tqdm
 
