@@ -274,8 +274,8 @@ def test_items_made_in_python_are_read_as_catalog_rows(tmp_path):
     assert vs.evaluate(leave_one_out=True)["queries"] == 4
     with pytest.raises(CatalogError, match="item 1: an item's id must be a non-empty string"):
         VisualSearch.build([Item(id=" ", image=str(SAMPLE / rows[0]["image"]))], tmp_path / "idx2", progress=False)
-    with pytest.raises(CatalogError, match="label 'A' and the metadata's label 'B' differ"):
-        vs.add([Item(id="new", image=str(SAMPLE / rows[0]["image"]), label="A", metadata={"label": "B"})])
+    vs.add([Item(id="new", image=str(SAMPLE / rows[0]["image"]), label="A", metadata={"label": "B"})])
+    assert vs.get("new").metadata["label"] == "B"  # the metadata's label is the one that counts
 
 
 def test_classify_hears_only_the_hits_that_have_the_label(sample_index):

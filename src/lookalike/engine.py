@@ -1423,19 +1423,17 @@ def _items(catalog: Any) -> list[Item]:
 
 
 def _as_catalog_row(item: Item, n: int) -> Item:
-    """An Item made in Python as a catalog file's row is: a non-empty text id, its label also in
-    its metadata (where hits show it and filters, classify and evaluate look), and no NaN or
-    infinity in its metadata (None, as a JSONL catalog reads them: JSON has neither)."""
+    """An Item made in Python as a catalog file's row is: a non-empty text id, a label in its
+    metadata (where hits show it and filters, classify and evaluate look: ``label`` goes there
+    when the metadata has none; the metadata's own is what counts), and no NaN or infinity in its
+    metadata (None, as a JSONL catalog reads them: JSON has neither)."""
     where = item.row or f"item {n}"
     if not isinstance(item.id, str) or not item.id.strip():
         raise CatalogError(f"{where}: an item's id must be a non-empty string, got {item.id!r}", subject=item.id)
     metadata = _finite_json(dict(item.metadata or {}))
     if item.label is not None:
-        if "label" in metadata and str(metadata["label"]) != str(item.label):
-            raise CatalogError(f"{where}: label {item.label!r} and the metadata's label {metadata['label']!r} differ",
-                               subject=item.id)
         metadata.setdefault("label", item.label)
-    return replace(item, metadata=metadata, row=where)
+    return replace(item, label=metadata.get("label", item.label), metadata=metadata, row=where)
 
 
 def _finite_json(value: Any) -> Any:
