@@ -382,7 +382,7 @@ class VisualSearch:
         def checked() -> list[dict[str, Any]]:
             try:
                 return check()
-            except StoreError as exc:
+            except (StoreError, OSError) as exc:  # OSError: a file gone while it was read
                 return [{"file": MANIFEST, "problem": str(exc), "fixable": False}]
 
         for _ in range(DOCTOR_TRIES):  # a writer that committed meanwhile deleted the files being checked: again

@@ -589,12 +589,14 @@ class IndexDir:
         for name, info in manifest["files"].items():
             path = self.path / name
             fixable = name == f"index-{gen}.faiss"
-            if not path.exists():
+            try:  # a file may also go while it is read (a writer's commit tidying up): missing too
+                size = path.stat().st_size
+                if size != info.get("size"):
+                    problems.append({"file": name, "problem": f"size {size}, the manifest says {info.get('size')}", "fixable": fixable})
+                elif _sha256(path) != info.get("sha256"):
+                    problems.append({"file": name, "problem": "contents differ from the manifest's sha256", "fixable": fixable})
+            except FileNotFoundError:
                 problems.append({"file": name, "problem": "missing", "fixable": fixable})
-            elif path.stat().st_size != info.get("size"):
-                problems.append({"file": name, "problem": f"size {path.stat().st_size}, the manifest says {info.get('size')}", "fixable": fixable})
-            elif _sha256(path) != info.get("sha256"):
-                problems.append({"file": name, "problem": "contents differ from the manifest's sha256", "fixable": fixable})
         model_file = manifest["model"].get("model_file")
         if model_file:
             path = self.path / model_file["name"]
