@@ -127,7 +127,9 @@ def test_sixteen_clients_uploading_at_the_limit_keep_memory_bounded(sample_copy,
 
     cores = usable_cpus()  # one decode slot each
     grown = result["peak_rss_mb"] - result["rss_before_mb"]
-    assert grown < cores * 320 + 200, result
+    # The budget counts bytes as they arrive: each of the 16 bodies may be one read (up to 1 MB)
+    # past it before it is refused (a CI run measured 840.7 MB against the 840 without that).
+    assert grown < cores * 320 + 200 + 16, result
     assert "lookalike_busy_total" in metrics and "lookalike_rejected_uploads_total" in metrics
     assert "Traceback" not in log
 
